@@ -1,0 +1,301 @@
+"""Ignite/MONAI handlers for training: resumable atomic checkpoints, RNG state, a wall-clock budget and
+healthy-guided reconstruction previews.
+
+Every handler has ``attach(engine)``, so it can be listed in ``train_handlers`` of a MONAI ``SupervisedTrainer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, TimeLimit
+
+from ..inferers.reconstruction import ddim_decode, ddim_encode, reconstruction_grid
+from ..inferers.schedule import NoiseSchedule
+from ..networks.checkpoint import save_checkpoint, unwrap
+from ..networks.unet import HEALTHY, NULL
+
+__all__ = ["RNGState", "TrainingCheckpointer", "TimeBudget", "ReconstructionSaver", "ProgressBar", "is_main_process"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an initialised process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class RNGState:
+    """The global random states (Python, NumPy, torch CPU and CUDA) as a checkpointable object, so that a
+    resumed run draws the same dropout masks and data order as an uninterrupted one."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),  # noqa: NPY002 (the legacy global state is what code draws from)
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])  # noqa: NPY002
+        torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingCheckpointer:
+    """Resumable training checkpoints, written atomically, and the final inference checkpoint.
+
+    - At ``STARTED``, if ``resume`` and ``<save_dir>/checkpoint_latest.pt`` exists, every object of ``save_dict``
+      (model, EMA model, optimizer, trainer, RNG state, metadata, ...) is restored, so training continues exactly
+      where the last checkpoint left it (``max_epochs`` of the new run is kept).
+    - Every ``save_interval`` epochs (after the handlers attached before it, e.g. validation), the state is saved
+      as ``checkpoint_epoch=N.pt`` (the last ``n_saved`` kept) and ``checkpoint_latest.pt``.
+    - At ``COMPLETED`` (also after a termination), ``final_name`` gets the inference checkpoint: metadata, model
+      and EMA weights (see :func:`anofpdm_monai.networks.save_checkpoint`).
+
+    The engine it is attached to is checkpointed as ``engine_key`` (its epoch and iteration), which avoids the
+    circular reference of listing the trainer in its own handler's config.
+
+    MONAI's ``CheckpointSaver`` writes non-atomically and ``CheckpointLoader`` needs the file to exist when the
+    config is built; this handler covers both for the resume-if-present workflow. Only rank 0 writes.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: name -> object with ``state_dict``/``load_state_dict``; must contain ``model``.
+        save_interval: epochs between checkpoints (0: only the final one).
+        n_saved: numbered checkpoints kept.
+        resume: restore from ``checkpoint_latest.pt`` when present.
+        final_name: file name of the inference checkpoint (None: none).
+        ema_key: key of the EMA model in ``save_dict`` (stored as ``ema`` in the final checkpoint).
+        preprocessing: preprocessing parameters recorded in the final checkpoint.
+        engine_key: name under which the attached engine's state is saved (None: not saved).
+    """
+
+    LATEST = "checkpoint_latest.pt"
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        save_interval: int = 1,
+        n_saved: int = 2,
+        resume: bool = True,
+        final_name: str | None = "model.pt",
+        ema_key: str | None = "ema",
+        preprocessing: Any = None,
+        engine_key: str | None = "trainer",
+    ) -> None:
+        if "model" not in save_dict:
+            raise ValueError("save_dict must contain 'model'")
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.save_interval = int(save_interval)
+        self.n_saved = max(1, int(n_saved))
+        self.resume = resume
+        self.final_name = final_name
+        self.ema_key = ema_key
+        self.preprocessing = preprocessing
+        self.engine_key = engine_key
+        self.resumed_from: Path | None = None
+
+    @property
+    def latest(self) -> Path:
+        return self.save_dir / self.LATEST
+
+    def attach(self, engine: Engine) -> None:
+        if self.engine_key:
+            self.save_dict[self.engine_key] = engine
+        engine.add_event_handler(Events.STARTED, self.load)
+        if self.save_interval > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        if self.final_name:
+            engine.add_event_handler(Events.COMPLETED, self.save_final)
+
+    def load(self, engine: Engine) -> None:
+        if not (self.resume and self.latest.is_file()):
+            return
+        checkpoint = torch.load(self.latest, map_location="cpu", weights_only=False)
+        prior_max_epochs = engine.state.max_epochs
+        to_load = {k: v for k, v in self.save_dict.items() if k in checkpoint}
+        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
+        if prior_max_epochs is not None:
+            engine.state.max_epochs = max(prior_max_epochs, engine.state.epoch)
+        self.resumed_from = self.latest
+        logger.info(
+            "resumed from %s at epoch %d, iteration %d", self.latest, engine.state.epoch, engine.state.iteration
+        )
+
+    def _state(self) -> dict[str, Any]:
+        out = {}
+        for k, obj in self.save_dict.items():
+            out[k] = unwrap(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()
+        return out
+
+    def save(self, engine: Engine) -> None:
+        if not is_main_process():
+            return
+        state = self._state()
+        epoch = engine.state.epoch
+        numbered = self.save_dir / f"checkpoint_epoch={epoch}.pt"
+        _atomic_torch_save(state, numbered)
+        _atomic_torch_save(state, self.latest)
+        pattern = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+        saved = sorted(
+            (int(m.group(1)), p) for p in self.save_dir.glob("checkpoint_epoch=*.pt") if (m := pattern.search(p.name))
+        )
+        for _, p in saved[: -self.n_saved]:
+            p.unlink(missing_ok=True)
+
+    def save_final(self, engine: Engine) -> None:
+        if not is_main_process() or not self.final_name:
+            return
+        model = self.save_dict["model"]
+        ema = self.save_dict.get(self.ema_key) if self.ema_key else None
+        extra = {"iteration": int(engine.state.iteration), "epoch": int(engine.state.epoch)}
+        save_checkpoint(self.save_dir / self.final_name, model, ema=ema, preprocessing=self.preprocessing, extra=extra)
+
+
+class TimeBudget:
+    """Stop training after ``seconds`` of wall-clock time (ignite's ``TimeLimit``, checked every iteration);
+    the trainer then completes normally, so the final checkpoint is written. ``None`` or <= 0 disables it."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    def attach(self, engine: Engine) -> None:
+        if self.seconds is not None and self.seconds > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(max(1, self.seconds))))
+
+
+class ReconstructionSaver:
+    """Save a PNG grid of healthy-guided reconstructions of fixed validation slices every ``interval`` epochs.
+
+    The slices are DDIM-inverted with the null label to ``noise_level`` and decoded with healthy guidance w
+    (the "DDIM classifier-free" reconstruction): unhealthy slices should come back with the lesion removed.
+
+    Args:
+        network: the network to sample with (typically the EMA model).
+        dataset: dataset of slice dicts (``image``, ``class_label``); the first ``num_items`` unhealthy slices (then
+            healthy ones) are used.
+        output_dir: folder of the PNG files (``reconstruction_epoch=N.png``).
+        interval: epochs between previews (0 disables).
+        noise_level: t of the inversion.
+        num_steps: DDIM steps of inversion and decoding.
+        guidance_scale: w of the healthy guidance.
+        num_items: number of slices shown.
+        channel_names: names of the image channels for the figure.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        dataset: Sequence[Mapping[str, Any]] | None,
+        output_dir: str | os.PathLike,
+        interval: int = 1,
+        noise_level: int = 400,
+        num_steps: int = 25,
+        guidance_scale: float = 2.0,
+        num_items: int = 4,
+        channel_names: Sequence[str] | None = None,
+        schedule: NoiseSchedule | None = None,
+    ) -> None:
+        self.network = network
+        self.dataset = dataset
+        self.output_dir = Path(output_dir)
+        self.interval = int(interval)
+        self.noise_level = int(noise_level)
+        self.num_steps = int(num_steps)
+        self.guidance_scale = float(guidance_scale)
+        self.num_items = int(num_items)
+        self.channel_names = list(channel_names) if channel_names is not None else None
+        self.schedule = schedule or NoiseSchedule()
+        self._batch: torch.Tensor | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.interval > 0 and self.dataset is not None and len(self.dataset) > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def _select(self) -> torch.Tensor:
+        if self._batch is None:
+            labels = getattr(self.dataset, "slice_labels", None)
+            order = list(range(len(self.dataset)))
+            if labels is not None:
+                order = [i for i in order if labels[i] == 1] + [i for i in order if labels[i] != 1]
+            picks = order[: self.num_items]
+            self._batch = torch.stack([torch.as_tensor(self.dataset[i]["image"]) for i in picks])
+        return self._batch
+
+    def __call__(self, engine: Engine) -> None:
+        if not is_main_process():
+            return
+        from ..visualize import save_reconstruction_grid
+
+        net = unwrap(self.network)
+        device = next(net.parameters()).device
+        was_training = net.training
+        net.eval()
+        try:
+            x0 = self._select().to(device)
+            grid = reconstruction_grid(self.noise_level, self.num_steps)
+            x_t = ddim_encode(net, x0, self.schedule, grid, label=NULL)
+            recon = ddim_decode(net, x_t, self.schedule, grid, label=HEALTHY, guidance_scale=self.guidance_scale)
+        finally:
+            net.train(was_training)
+        path = self.output_dir / f"reconstruction_epoch={engine.state.epoch}.png"
+        save_reconstruction_grid(path, x0.cpu(), recon.cpu(), channel_names=self.channel_names)
+        logger.info("saved reconstruction preview %s", path)
+
+
+class ProgressBar:
+    """ignite's tqdm ``ProgressBar`` showing the running loss; ``attach(engine)`` form for MONAI handler lists.
+
+    Args:
+        loss_key: key of the loss in the engine output (a dict when the trainer runs with ``decollate=False``).
+        persist: keep the bar after each epoch.
+    """
+
+    def __init__(self, loss_key: str = "loss", persist: bool = False) -> None:
+        self.loss_key = loss_key
+        self.persist = persist
+
+    def _output(self, output: Any) -> dict[str, float]:
+        if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
+            output = output[0]  # decollated engine output
+        if isinstance(output, Mapping) and self.loss_key in output:
+            return {self.loss_key: float(torch.as_tensor(output[self.loss_key]).detach())}
+        return {}
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import ProgressBar as IgniteProgressBar
+
+        if is_main_process():
+            IgniteProgressBar(persist=self.persist).attach(engine, output_transform=self._output)

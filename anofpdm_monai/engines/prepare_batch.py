@@ -1,0 +1,125 @@
+"""Classifier-free-guidance training batches for MONAI engines."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.engines.utils import DiffusionPrepareBatch
+from monai.inferers import DiffusionInferer
+
+from ..networks.unet import NULL
+
+__all__ = ["ClassifierFreePrepareBatch", "ClassConditionedDiffusionInferer"]
+
+
+class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
+    """``DiffusionPrepareBatch`` that also passes slice labels, each replaced by the null label with probability
+    ``p_uncond`` (classifier-free guidance training).
+
+    MONAI's prepare-batches and inferers pass ``condition`` (a context tensor) but never ``class_labels``; this one
+    returns ``(images, noise, (), {"noise", "timesteps", "class_labels"})`` for
+    :class:`ClassConditionedDiffusionInferer`.
+
+    With ``seed`` set, all randomness (timesteps, noise, label dropout) comes from a private generator, restarted at
+    every ``EPOCH_STARTED`` of the engine it is attached to: a validation loss computed this way is comparable
+    between evaluations. Without it, a private generator (seeded from torch's global RNG on first use) is used and
+    its state is saved in checkpoints through ``state_dict`` for exact resumption.
+
+    Args:
+        num_train_timesteps: T; timesteps are drawn uniformly from [0, T).
+        label_key: batch key of the slice labels (0 healthy, 1 unhealthy).
+        p_uncond: probability of replacing a label by the null label.
+        null_label: index of the null label.
+        seed: restart seed for deterministic (validation) batches.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        label_key: str = "class_label",
+        p_uncond: float = 0.1,
+        null_label: int = NULL,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        self.label_key = label_key
+        self.p_uncond = float(p_uncond)
+        self.null_label = int(null_label)
+        self.seed = seed
+        self.generator = torch.Generator()
+        if seed is None:
+            # distinct streams per rank under DistributedDataParallel (ranks share the global seed)
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + rank)
+        else:
+            self.generator.manual_seed(seed)
+
+    # hooks of DiffusionPrepareBatch, drawn from the private CPU generator so that results do not depend on the device
+    def get_noise(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.randn(images.shape, generator=self.generator, dtype=images.dtype).to(images.device)
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.randint(0, self.num_train_timesteps, (images.shape[0],), generator=self.generator).to(
+            images.device
+        )
+
+    def get_class_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Replace each label by ``null_label`` with probability ``p_uncond``."""
+        labels = labels.reshape(-1).long()
+        drop = torch.rand(labels.shape, generator=self.generator) < self.p_uncond
+        return torch.where(drop.to(labels.device), torch.full_like(labels, self.null_label), labels)
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        if not isinstance(batchdata, Mapping) or self.label_key not in batchdata:
+            raise KeyError(f"batch must be a dict with key '{self.label_key}' (slice labels)")
+        images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
+        labels = torch.as_tensor(batchdata[self.label_key])
+        infer_kwargs["class_labels"] = self.get_class_labels(labels).to(images.device, non_blocking=non_blocking)
+        return images, target, args, infer_kwargs
+
+    # ignite-style handler: restart the generator at each epoch of the engine (validation determinism)
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if self.seed is not None:
+            engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.generator.manual_seed(self.seed))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class ClassConditionedDiffusionInferer(DiffusionInferer):
+    """``DiffusionInferer`` whose training forward passes ``class_labels`` to the network.
+
+    The noisy input is computed with MONAI's scheduler in the input's dtype (float32 during training; AMP only
+    affects the network), and the network is called as ``network(x_t, timesteps=t, class_labels=y)``.
+    """
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+        mode: str = "crossattn",
+        seg: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if class_labels is None:
+            raise ValueError("class_labels are required for the class-conditioned network")
+        noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
+        return diffusion_model(noisy, timesteps=timesteps, class_labels=class_labels)

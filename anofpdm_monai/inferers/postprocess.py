@@ -1,0 +1,120 @@
+"""Post-processing shared by AnoFPDM and the baselines: Algorithm 1's quantile, quantiles per slice, the 5x5
+median filter and the connected-component filter."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.networks.layers import median_filter
+from scipy import ndimage
+
+__all__ = [
+    "quantile_level",
+    "batch_quantile",
+    "median_filter_2d",
+    "remove_small_components",
+    "binarize_map",
+]
+
+
+def quantile_level(
+    divergence_max: torch.Tensor, m_max: torch.Tensor | float, a: float = 0.90, b: float = 0.98
+) -> torch.Tensor:
+    """Algorithm 1: the quantile level q of the anomaly map used as threshold.
+
+    ``ratio = clamp(M / M_max, 0, 1)``, ``idx = round(100 ratio)`` (half to even, in float64), and
+    ``q = reverse(linspace(a, b, 101))[idx] = b - idx (b - a) / 100``: a strong divergence (ratio near 1) gives a low
+    quantile (a larger mask), a weak one a high quantile.
+
+    The official code computes ``int(round(ratio, 2) * 100)`` in float32, which truncates e.g. 0.29 to index 28;
+    here the index is the nearest integer as the algorithm states.
+
+    Args:
+        divergence_max: M = max_t M_t, any shape.
+        m_max: calibrated M_max, broadcastable to ``divergence_max``.
+        a: lowest quantile level.
+        b: highest quantile level.
+
+    Returns:
+        q, float64, same shape as ``divergence_max``.
+    """
+    if not 0.0 <= a <= b <= 1.0:
+        raise ValueError(f"need 0 <= a <= b <= 1, got a={a}, b={b}")
+    m = torch.as_tensor(divergence_max, dtype=torch.float64)
+    m_max = torch.as_tensor(m_max, dtype=torch.float64, device=m.device)
+    if bool((m_max <= 0).any()):
+        raise ValueError("M_max must be positive")
+    ratio = (m / m_max).clamp(0.0, 1.0)
+    idx = torch.round(ratio * 100.0)
+    levels = torch.linspace(a, b, 101, dtype=torch.float64, device=m.device).flip(0)
+    return levels[idx.long()]
+
+
+def batch_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-row quantile with linear interpolation (``torch.quantile``'s default), with one level per row.
+
+    Args:
+        values: (B, ...) values; each row is flattened.
+        q: (B,) levels in [0, 1].
+
+    Returns:
+        (B,) quantiles in ``values``' dtype.
+    """
+    flat = values.reshape(values.shape[0], -1)
+    srt = flat.sort(dim=1).values.to(torch.float64)
+    pos = torch.as_tensor(q, dtype=torch.float64, device=flat.device).reshape(-1) * (flat.shape[1] - 1)
+    lo = pos.floor().long().clamp(0, flat.shape[1] - 1)
+    hi = pos.ceil().long().clamp(0, flat.shape[1] - 1)
+    frac = pos - lo.to(torch.float64)
+    v_lo = srt.gather(1, lo[:, None])[:, 0]
+    v_hi = srt.gather(1, hi[:, None])[:, 0]
+    return (v_lo + (v_hi - v_lo) * frac).to(values.dtype)
+
+
+def median_filter_2d(maps: torch.Tensor, kernel_size: int = 5) -> torch.Tensor:
+    """Median filter of (B, H, W) maps with MONAI's ``median_filter`` (replicate padding; the official code pads
+    by reflection, which only differs within two pixels of the image border)."""
+    if kernel_size <= 1:
+        return maps
+    return median_filter(maps[:, None].float(), kernel_size=(kernel_size, kernel_size), spatial_dims=2)[:, 0]
+
+
+def remove_small_components(mask: torch.Tensor, max_size: int = 40) -> torch.Tensor:
+    """Remove 8-connected components of at most ``max_size`` pixels from each (H, W) slice of a (B, H, W) mask.
+
+    All slices are labelled in one ``scipy.ndimage.label`` call with a structure that connects within a slice only.
+    """
+    if max_size <= 0:
+        return mask.bool()
+    arr = mask.detach().cpu().numpy().astype(bool)
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 8-connectivity inside a slice, none across slices
+    labels, n = ndimage.label(arr, structure=structure)
+    if n == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes > max_size
+    keep[0] = False
+    return torch.from_numpy(keep[labels]).to(mask.device)
+
+
+def binarize_map(
+    maps: torch.Tensor, threshold: torch.Tensor | float, median_kernel: int = 5, min_component_size: int = 40
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The common post-processing: median filter, ``map >= threshold``, connected-component filter.
+
+    Args:
+        maps: (B, H, W) anomaly maps.
+        threshold: scalar or (B,) thresholds.
+        median_kernel: median filter size (1 disables).
+        min_component_size: components of at most this many pixels are removed (0 disables).
+
+    Returns:
+        ``(filtered_maps, masks)``: the median-filtered maps and the boolean masks.
+    """
+    filtered = median_filter_2d(maps, median_kernel)
+    thr = torch.as_tensor(threshold, dtype=filtered.dtype, device=filtered.device)
+    if thr.ndim == 1:
+        thr = thr[:, None, None]
+    mask = remove_small_components(filtered >= thr, min_component_size)
+    return filtered, mask

@@ -1,0 +1,143 @@
+"""Noise-schedule arithmetic in float64, and step grids.
+
+MONAI's schedulers keep ``alphas_cumprod`` in float32 and ``add_noise`` recasts it to the input's dtype (bf16 in,
+bf16 schedule); their DDIM ``step``/``reversed_step`` move by ``T // N``, which does not match their own linspace
+timesteps, and DDPM ``step`` always goes to ``t - 1``. AnoFPDM needs exact coefficients at arbitrary ``(t, t_prev)``
+pairs, so every formula lives here, in float64, and results are cast to the working dtype (float32) at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["NoiseSchedule", "make_step_grid"]
+
+
+def make_step_grid(
+    t_max: int = 599,
+    stride: int = 1,
+    timesteps: Sequence[int] | None = None,
+    num_train_timesteps: int = 1000,
+) -> list[int]:
+    """The ascending grid of diffusion steps visited by the forward process.
+
+    Args:
+        t_max: largest step (the official code visits 0..599).
+        stride: spacing of the grid ``0, stride, 2 stride, ... <= t_max``.
+        timesteps: an explicit grid instead (sorted ascending, unique, in ``[0, num_train_timesteps)``).
+        num_train_timesteps: T.
+
+    Returns:
+        list of ints.
+    """
+    if timesteps is not None:
+        grid = [int(t) for t in timesteps]
+        if not grid:
+            raise ValueError("timesteps must not be empty")
+        if any(b <= a for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"timesteps must be strictly ascending, got {grid[:8]}...")
+        if grid[0] < 0 or grid[-1] >= num_train_timesteps:
+            raise ValueError(f"timesteps must lie in [0, {num_train_timesteps}), got {grid[0]}..{grid[-1]}")
+        return grid
+    if int(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if not 0 <= int(t_max) < num_train_timesteps:
+        raise ValueError(f"t_max must be in [0, {num_train_timesteps}), got {t_max}")
+    return list(range(0, int(t_max) + 1, int(stride)))
+
+
+class NoiseSchedule:
+    """Variance-preserving diffusion schedule with float64 coefficients.
+
+    Args:
+        num_train_timesteps: T.
+        schedule: ``"linear_beta"`` (DDPM, the papers) or ``"scaled_linear_beta"``.
+        beta_start: first beta.
+        beta_end: last beta.
+        betas: explicit betas instead (e.g. ``scheduler.betas`` of any MONAI scheduler).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        beta_start: float = 1e-4,
+        beta_end: float = 2e-2,
+        betas: torch.Tensor | Sequence[float] | None = None,
+    ) -> None:
+        if betas is not None:
+            b = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        elif schedule == "linear_beta":
+            b = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        elif schedule == "scaled_linear_beta":
+            b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}; use 'linear_beta', 'scaled_linear_beta' or pass betas")
+        if b.numel() < 2 or bool(((b <= 0) | (b >= 1)).any()):
+            raise ValueError("betas must lie in (0, 1)")
+        self.betas = b
+        self.alphas_cumprod = torch.cumprod(1.0 - b, dim=0)
+        self.num_train_timesteps = int(b.numel())
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
+        """Rebuild the schedule of a MONAI scheduler in float64 (recomputed from its parameters when it is the
+        linear schedule, so that no float32 rounding of the betas leaks in)."""
+        betas = torch.as_tensor(scheduler.betas, dtype=torch.float64)
+        T = betas.numel()
+        linear = torch.linspace(float(betas[0]), float(betas[-1]), T, dtype=torch.float64)
+        if torch.allclose(betas, linear, rtol=1e-5, atol=1e-9):
+            return cls(T, "linear_beta", float(f"{float(betas[0]):.6g}"), float(f"{float(betas[-1]):.6g}"))
+        return cls(betas=betas)
+
+    def _coef(self, values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.long)
+        c = values[t.cpu()].to(device=like.device, dtype=torch.float64)
+        if c.ndim == 0:
+            return c.to(like.dtype)
+        return c.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+    def sqrt_alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """``sqrt(abar_t)`` shaped to broadcast against ``like`` (B, ...)."""
+        return self._coef(self.alphas_cumprod.sqrt(), t, like)
+
+    def sqrt_one_minus_alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """``sqrt(1 - abar_t)`` shaped to broadcast against ``like``."""
+        return self._coef((1.0 - self.alphas_cumprod).sqrt(), t, like)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
+        return self.sqrt_alpha_bar(t, x0) * x0 + self.sqrt_one_minus_alpha_bar(t, x0) * noise
+
+    def predict_x0(
+        self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, clip: bool = True
+    ) -> torch.Tensor:
+        """``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, clipped to [-1, 1] when ``clip``."""
+        x0 = (x_t - self.sqrt_one_minus_alpha_bar(t, x_t) * eps) / self.sqrt_alpha_bar(t, x_t)
+        return x0.clamp(-1.0, 1.0) if clip else x0
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
+        """The noise consistent with ``x_t`` and ``x0``: ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``."""
+        return (x_t - self.sqrt_alpha_bar(t, x_t) * x0) / self.sqrt_one_minus_alpha_bar(t, x_t)
+
+    def ddim_move(self, x0: torch.Tensor, eps: torch.Tensor, t_to: torch.Tensor | int) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) move to step ``t_to``: ``sqrt(abar) x0 + sqrt(1 - abar) eps``; the same
+        formula encodes (inversion, ``t_to`` > t) and decodes (``t_to`` < t)."""
+        return self.q_sample(x0, t_to, eps)
+
+    def ddpm_posterior(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of ``q(x_{t_prev} | x_t, x0)`` for any ``t_prev < t`` (respaced DDPM with the
+        "fixed small" variance); ``t_prev = -1`` means the clean image (mean ``x0``, std 0)."""
+        abar_t = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        beta = 1.0 - abar_t / abar_prev
+        c0 = abar_prev.sqrt() * beta / (1.0 - abar_t)
+        ct = (1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar_t)
+        var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
+        mean = float(c0) * x0 + float(ct) * x_t
+        return mean, torch.tensor(float(var.clamp_min(0).sqrt()), dtype=x0.dtype, device=x0.device)

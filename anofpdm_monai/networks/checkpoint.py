@@ -1,0 +1,235 @@
+"""Checkpoint I/O that keeps the network configuration (and the preprocessing) with the weights.
+
+A checkpoint is a dict saved with ``torch.save``. Training checkpoints (written by ignite's ``Checkpoint``) hold
+``model``, ``ema``, ``optimizer``, ``trainer``, ``rng`` and ``metadata``; inference checkpoints hold ``model``,
+``ema`` and ``metadata``. ``metadata`` records the architecture (``AnoFPDMUNet.config``) and the preprocessing
+parameters, so a network can be rebuilt from the file alone and a mismatched architecture is refused with a
+clear message. Plain state dicts (including MONAI Generative ones, through ``load_old_state_dict``) are accepted
+when the caller supplies the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .unet import AnoFPDMUNet
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointMetadata",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_network",
+    "load_weights",
+    "file_digest",
+    "unwrap",
+]
+
+CHECKPOINT_FORMAT = "anofpdm_monai/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for the requested network; one line naming the file."""
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def _config_of(network: nn.Module) -> dict[str, Any]:
+    net = unwrap(network)
+    config = getattr(net, "config", None)
+    if config is None:
+        raise CheckpointError(
+            f"{type(net).__name__} records no architecture config; build it with build_diffusion_unet"
+        )
+    return dict(config)
+
+
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    keys = sorted(set(a) | set(b))
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+
+
+class CheckpointMetadata:
+    """Checkpoint entry describing the network (and preprocessing) the weights belong to.
+
+    It has ``state_dict``/``load_state_dict`` so ignite's ``Checkpoint`` saves and restores it like the model;
+    restoring into a run with another architecture or preprocessing raises :class:`CheckpointError`.
+
+    Args:
+        network: the (possibly wrapped) :class:`AnoFPDMUNet`.
+        preprocessing: the preprocessing parameters (``VolumePreprocessor.to_dict()``) or the preprocessor.
+    """
+
+    def __init__(self, network: nn.Module, preprocessing: Any = None) -> None:
+        self.network = network
+        if preprocessing is not None and hasattr(preprocessing, "to_dict"):
+            preprocessing = preprocessing.to_dict()
+        self.preprocessing = dict(preprocessing) if preprocessing is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "network": _config_of(self.network), "preprocessing": self.preprocessing}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mine = _config_of(self.network)
+        if dict(state.get("network", {})) != mine:
+            raise CheckpointError(
+                f"checkpoint was made for another network architecture ({_diff(state['network'], mine)})"
+            )
+        theirs = state.get("preprocessing")
+        if self.preprocessing is not None and theirs is not None and dict(theirs) != self.preprocessing:
+            raise CheckpointError(f"checkpoint was made with other preprocessing ({_diff(theirs, self.preprocessing)})")
+
+
+def file_digest(path: str | os.PathLike, length: int = 16) -> str:
+    """SHA-256 of a file (hex, first ``length`` characters); identifies the checkpoint a calibration is for."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    network: nn.Module,
+    ema: nn.Module | None = None,
+    preprocessing: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save an inference checkpoint atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content: dict[str, Any] = {
+        "metadata": CheckpointMetadata(network, preprocessing).state_dict(),
+        "model": unwrap(network).state_dict(),
+    }
+    if ema is not None:
+        content["ema"] = unwrap(ema).state_dict()
+    if extra:
+        content.update(extra)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(content, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file; a one-line :class:`CheckpointError` when missing or unreadable."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        content = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        ) from exc
+    if not isinstance(content, Mapping):
+        raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(content).__name__})")
+    return dict(content)
+
+
+def _select_state(content: Mapping[str, Any], use_ema: bool, path: Any) -> Mapping[str, torch.Tensor]:
+    if "model" in content or "ema" in content:
+        key = "ema" if use_ema and "ema" in content else "model"
+        if key not in content:
+            raise CheckpointError(f"checkpoint {path} has no '{key}' weights")
+        return content[key]
+    if content and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return content  # a plain state dict
+    raise CheckpointError(f"checkpoint {path} holds neither 'model'/'ema' weights nor a state dict")
+
+
+def load_weights(
+    network: nn.Module, path: str | os.PathLike, use_ema: bool = True, map_location: Any = "cpu"
+) -> nn.Module:
+    """Load weights into an existing network, refusing a checkpoint of another architecture.
+
+    Plain state dicts are loaded strictly; failing that, as a MONAI Generative checkpoint through
+    ``DiffusionModelUNet.load_old_state_dict``.
+
+    Args:
+        network: the network (wrappers are looked through).
+        path: checkpoint file.
+        use_ema: prefer the EMA weights when the checkpoint has them.
+        map_location: as ``torch.load``.
+    """
+    content = load_checkpoint(path, map_location=map_location)
+    net = unwrap(network)
+    meta = content.get("metadata")
+    if meta is not None:
+        try:
+            CheckpointMetadata(net).load_state_dict(meta)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    state = _select_state(content, use_ema, path)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        if meta is None and hasattr(net, "load_old_state_dict"):
+            try:
+                net.load_old_state_dict(dict(state))
+                return network
+            except (KeyError, RuntimeError):
+                pass
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this network: {first}") from None
+    return network
+
+
+def load_network(
+    path: str | os.PathLike,
+    use_ema: bool = True,
+    map_location: Any = "cpu",
+    use_flash_attention: bool | None = None,
+) -> tuple[AnoFPDMUNet, dict[str, Any]]:
+    """Rebuild the network recorded in a checkpoint and load its weights.
+
+    Returns:
+        ``(network, metadata)``; ``metadata`` has ``network`` (architecture), ``preprocessing`` (parameters or
+        None) and ``digest`` (file digest, for calibration records). The network is in eval mode.
+    """
+    content = load_checkpoint(path, map_location=map_location)
+    meta = content.get("metadata")
+    if not isinstance(meta, Mapping) or "network" not in meta:
+        raise CheckpointError(
+            f"checkpoint {path} records no network configuration; build the network yourself and use load_weights"
+        )
+    if use_flash_attention is None:
+        use_flash_attention = torch.cuda.is_available()
+    try:
+        network = AnoFPDMUNet(**meta["network"], use_flash_attention=use_flash_attention)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint {path} has an unusable network configuration: {exc}") from None
+    state = _select_state(content, use_ema, path)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} weights do not fit its own configuration: {first}") from None
+    network.eval()
+    info = {"network": dict(meta["network"]), "preprocessing": meta.get("preprocessing"), "digest": file_digest(path)}
+    return network, info
