@@ -93,15 +93,23 @@ class NoiseSchedule:
             return cls(T, "linear_beta", float(f"{float(betas[0]):.6g}"), float(f"{float(betas[-1]):.6g}"))
         return cls(betas=betas)
 
+    @staticmethod
+    def working_dtype(like: torch.Tensor) -> torch.dtype:
+        """The dtype results are computed in: float64 stays float64, anything narrower (float32, bf16, float16)
+        becomes float32, so that a bf16 input never pulls the schedule arithmetic down to bf16 (as MONAI's
+        ``add_noise`` does)."""
+        return torch.promote_types(like.dtype, torch.float32)
+
     def _coef(self, values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.long)
         c = values[t.cpu()].to(device=like.device, dtype=torch.float64)
+        dtype = self.working_dtype(like)
         if c.ndim == 0:
-            return c.to(like.dtype)
-        return c.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+            return c.to(dtype)
+        return c.reshape(-1, *([1] * (like.ndim - 1))).to(dtype)
 
     def sqrt_alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-        """``sqrt(abar_t)`` shaped to broadcast against ``like`` (B, ...)."""
+        """``sqrt(abar_t)`` shaped to broadcast against ``like`` (B, ...), in :meth:`working_dtype`."""
         return self._coef(self.alphas_cumprod.sqrt(), t, like)
 
     def sqrt_one_minus_alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
@@ -109,18 +117,24 @@ class NoiseSchedule:
         return self._coef((1.0 - self.alphas_cumprod).sqrt(), t, like)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
-        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (float32 for float32/bf16/float16 inputs)."""
+        dtype = self.working_dtype(x0)
+        x0, noise = x0.to(dtype), noise.to(dtype)
         return self.sqrt_alpha_bar(t, x0) * x0 + self.sqrt_one_minus_alpha_bar(t, x0) * noise
 
     def predict_x0(
         self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor, clip: bool = True
     ) -> torch.Tensor:
         """``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, clipped to [-1, 1] when ``clip``."""
+        dtype = self.working_dtype(x_t)
+        x_t, eps = x_t.to(dtype), eps.to(dtype)
         x0 = (x_t - self.sqrt_one_minus_alpha_bar(t, x_t) * eps) / self.sqrt_alpha_bar(t, x_t)
         return x0.clamp(-1.0, 1.0) if clip else x0
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
         """The noise consistent with ``x_t`` and ``x0``: ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``."""
+        dtype = self.working_dtype(x_t)
+        x_t, x0 = x_t.to(dtype), x0.to(dtype)
         return (x_t - self.sqrt_alpha_bar(t, x_t) * x0) / self.sqrt_one_minus_alpha_bar(t, x_t)
 
     def ddim_move(self, x0: torch.Tensor, eps: torch.Tensor, t_to: torch.Tensor | int) -> torch.Tensor:
@@ -139,5 +153,7 @@ class NoiseSchedule:
         c0 = abar_prev.sqrt() * beta / (1.0 - abar_t)
         ct = (1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar_t)
         var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
+        dtype = self.working_dtype(x_t)
+        x0, x_t = x0.to(dtype), x_t.to(dtype)
         mean = float(c0) * x0 + float(ct) * x_t
-        return mean, torch.tensor(float(var.clamp_min(0).sqrt()), dtype=x0.dtype, device=x0.device)
+        return mean, torch.tensor(float(var.clamp_min(0).sqrt()), dtype=dtype, device=x0.device)
