@@ -1,0 +1,170 @@
+"""Baselines of the papers' Table 1, all run from the same trained class-conditioned checkpoint.
+
+- ``anoddpm``: AnoDDPM with Gaussian noise: noise the slice to a fixed t, DDPM ancestral denoising with the null
+  label (Wyatt et al. 2022);
+- ``ddim``: unguided DDIM: DDIM inversion to t with the null label, DDIM decoding with the null label;
+- ``ddim_cfg``: DDIM with classifier-free guidance (Sanchez et al. 2022): DDIM inversion with the null label,
+  decoding with healthy guidance w;
+- ``intensity``: the intensity floor: the map is one channel's intensity (e.g. FLAIR, where tumours and oedema are
+  bright), which every learned method must beat.
+
+The anomaly map of a reconstruction method is the squared difference between input and reconstruction, averaged
+over the map modalities. All methods share AnoFPDM's post-processing (5x5 median filter, components of <= 40 px
+removed). Their noise level and threshold are tuned on the validation split WITH pixel labels, as in the papers
+(:func:`anofpdm_monai.evaluation.tune_threshold`); AnoFPDM itself uses only its image-level calibration. DDIM with
+classifier guidance needs a separately trained classifier and is not included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.inferers import Inferer
+
+from ..networks.unet import HEALTHY, NULL
+from .postprocess import binarize_map
+from .reconstruction import ddim_decode, ddim_encode, ddpm_decode, reconstruction_grid
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "BASELINE_METHODS",
+    "BaselineOutput",
+    "ReconstructionInferer",
+    "IntensityInferer",
+]
+
+BASELINE_METHODS = ("anoddpm", "ddim", "ddim_cfg", "intensity")
+
+
+@dataclass
+class BaselineOutput:
+    """Per-slice baseline results: ``anomaly_map`` (B, H, W), ``filtered_map`` (median-filtered), ``mask`` (B, H, W)
+    bool, ``pred_label`` (B,) 1 when the mask is not empty, and the ``reconstruction`` (B, C, H, W) if any."""
+
+    anomaly_map: torch.Tensor
+    filtered_map: torch.Tensor
+    mask: torch.Tensor
+    pred_label: torch.Tensor
+    reconstruction: torch.Tensor | None = None
+
+
+class ReconstructionInferer(Inferer):
+    """Reconstruction-based anomaly maps: AnoDDPM, DDIM and DDIM with classifier-free guidance.
+
+    Args:
+        method: ``"anoddpm"``, ``"ddim"`` or ``"ddim_cfg"``.
+        noise_level: t the slice is noised or inverted to.
+        num_steps: sampling steps between 0 and t (None: every step, as the original methods).
+        guidance_scale: w of the healthy guidance (``ddim_cfg`` only).
+        map_channels: channels averaged into the map.
+        threshold: map threshold (tuned on validation data); None gives maps only (empty masks).
+        median_kernel: median filter size; min_component_size: components of at most this size are removed.
+        schedule: diffusion schedule (default: linear, T = 1000).
+        seed: seed of the noise (AnoDDPM).
+        autocast_dtype: e.g. ``torch.bfloat16`` on GPU.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        noise_level: int,
+        num_steps: int | None = None,
+        guidance_scale: float = 2.0,
+        map_channels: Sequence[int] = (0,),
+        threshold: float | None = None,
+        median_kernel: int = 5,
+        min_component_size: int = 40,
+        schedule: NoiseSchedule | None = None,
+        seed: int | None = 0,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if method not in ("anoddpm", "ddim", "ddim_cfg"):
+            raise ValueError(f"method must be 'anoddpm', 'ddim' or 'ddim_cfg', got {method!r}")
+        self.schedule = schedule or NoiseSchedule()
+        if not 0 < int(noise_level) < self.schedule.num_train_timesteps:
+            raise ValueError(f"noise_level must be in (0, {self.schedule.num_train_timesteps}), got {noise_level}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        self.method = method
+        self.noise_level = int(noise_level)
+        self.num_steps = num_steps
+        self.guidance_scale = float(guidance_scale)
+        self.map_channels = [int(c) for c in map_channels]
+        self.threshold = threshold
+        self.median_kernel = median_kernel
+        self.min_component_size = min_component_size
+        self.seed = seed
+        self.autocast_dtype = autocast_dtype
+
+    @torch.no_grad()
+    def reconstruct(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        """The reconstruction of ``inputs`` (B, C, H, W) in [-1, 1]."""
+        grid = reconstruction_grid(self.noise_level, self.num_steps)
+        x0 = inputs.float()
+        amp = self.autocast_dtype
+        if self.method == "anoddpm":
+            gen = None if self.seed is None else torch.Generator(device=x0.device).manual_seed(int(self.seed))
+            noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+            x_t = self.schedule.q_sample(x0, grid[-1], noise)
+            return ddpm_decode(network, x_t, self.schedule, grid, label=NULL, generator=gen, autocast_dtype=amp)
+        x_t = ddim_encode(network, x0, self.schedule, grid, label=NULL, autocast_dtype=amp)
+        if self.method == "ddim":
+            return ddim_decode(network, x_t, self.schedule, grid, label=NULL, autocast_dtype=amp)
+        return ddim_decode(
+            network, x_t, self.schedule, grid, label=HEALTHY, guidance_scale=self.guidance_scale, autocast_dtype=amp
+        )
+
+    def anomaly_map(self, inputs: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """Squared difference averaged over the map channels: (B, H, W)."""
+        diff = (inputs.float()[:, self.map_channels] - reconstruction[:, self.map_channels]) ** 2
+        return diff.mean(dim=1)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> BaselineOutput:  # type: ignore[override]
+        was_training = getattr(network, "training", False)
+        network.eval()
+        try:
+            recon = self.reconstruct(inputs, network)
+        finally:
+            network.train(was_training)
+        return _finish(
+            self.anomaly_map(inputs, recon), self.threshold, self.median_kernel, self.min_component_size, recon
+        )
+
+
+class IntensityInferer(Inferer):
+    """The intensity floor: the anomaly map is channel ``channel`` rescaled from [-1, 1] to [0, 1].
+
+    Args:
+        channel: index of the channel (e.g. FLAIR).
+        threshold: map threshold (tuned on validation data); None gives maps only.
+        median_kernel, min_component_size: the shared post-processing.
+    """
+
+    def __init__(
+        self, channel: int = 0, threshold: float | None = None, median_kernel: int = 5, min_component_size: int = 40
+    ) -> None:
+        super().__init__()
+        self.channel = int(channel)
+        self.threshold = threshold
+        self.median_kernel = median_kernel
+        self.min_component_size = min_component_size
+
+    def __call__(
+        self, inputs: torch.Tensor, network: nn.Module | None = None, *args: Any, **kwargs: Any
+    ) -> BaselineOutput:  # type: ignore[override]
+        amap = (inputs.float()[:, self.channel] + 1.0) / 2.0
+        return _finish(amap, self.threshold, self.median_kernel, self.min_component_size, None)
+
+
+def _finish(
+    amap: torch.Tensor, threshold: float | None, median_kernel: int, min_size: int, recon: torch.Tensor | None
+) -> BaselineOutput:
+    thr = float("inf") if threshold is None else float(threshold)
+    filtered, mask = binarize_map(amap, thr, median_kernel, min_size)
+    pred = mask.flatten(1).any(dim=1).long()
+    return BaselineOutput(anomaly_map=amap, filtered_map=filtered, mask=mask, pred_label=pred, reconstruction=recon)
