@@ -65,6 +65,8 @@ class Calibration:
         forward, reference, divergence, end_step: forward-process options used.
         quantile_range: (a, b) of Algorithm 1.
         map_modalities: names of the map modalities; map_channels: their channel indices.
+        median_kernel, min_component_size: the map post-processing (5 and 40 px at 128 x 128 in the papers; scale
+            the component size with the resolution, e.g. 10 px at 64 x 64).
         checkpoint_digest: digest of the checkpoint file the statistics came from.
         preprocessing: preprocessing parameters of that checkpoint.
         datalist: the datalist used (path or description) and split.
@@ -85,6 +87,8 @@ class Calibration:
     quantile_range: list[float] = field(default_factory=lambda: [0.90, 0.98])
     map_modalities: list[str] = field(default_factory=list)
     map_channels: list[int] = field(default_factory=list)
+    median_kernel: int = 5
+    min_component_size: int = 40
     checkpoint_digest: str = ""
     preprocessing: dict[str, Any] | None = None
     datalist: str = ""
@@ -310,6 +314,8 @@ def run_calibration(
     divergence: str = "v2",
     end_step: str = "per_modality",
     quantile_range: Sequence[float] = (0.90, 0.98),
+    median_kernel: int = 5,
+    min_component_size: int = 40,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     amp: bool = False,
@@ -368,6 +374,8 @@ def run_calibration(
         quantile_range=[float(quantile_range[0]), float(quantile_range[1])],
         map_modalities=list(map_modalities),
         map_channels=channels,
+        median_kernel=int(median_kernel),
+        min_component_size=int(min_component_size),
         checkpoint_digest=info["digest"],
         preprocessing=dict(info["preprocessing"]),
         datalist=f"{datalist if not isinstance(datalist, Mapping) else '<in-memory datalist>'} [{split}]",

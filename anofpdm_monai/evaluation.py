@@ -120,6 +120,9 @@ class Evaluator:
         anofpdm_options: forward-process options (``t_max``, ``stride``, ``timesteps``, ``reference``,
             ``divergence``, ``end_step``) used when calibrating here.
         intensity_modality: channel of the intensity floor (default: the first map modality).
+        intensity_polarity: ``"bright"`` (lesions hyperintense, e.g. FLAIR) or ``"dark"`` (e.g. T1w stroke).
+        median_kernel, min_component_size: the post-processing of every method (default: the calibration's, else
+            5 and 40).
         batch_size, device, amp, progress: execution.
         figure_slices: number of example slices in the overlay figure.
     """
@@ -141,6 +144,9 @@ class Evaluator:
         guidance_scales: Sequence[float] = (0.5, 1.0, 2.0, 3.0, 5.0),
         anofpdm_options: Mapping[str, Any] | None = None,
         intensity_modality: str | None = None,
+        intensity_polarity: str = "bright",
+        median_kernel: int | None = None,
+        min_component_size: int | None = None,
         batch_size: int = 64,
         device: torch.device | str = "cpu",
         amp: bool = False,
@@ -162,6 +168,7 @@ class Evaluator:
             raise ValueError(f"map modalities {missing} are not among the model's modalities {self.modalities}")
         self.map_channels = [self.modalities.index(m) for m in self.map_modalities]
         self.intensity_modality = intensity_modality or self.map_modalities[0]
+        self.polarity = intensity_polarity
         if self.intensity_modality not in self.modalities:
             raise ValueError(f"intensity modality {self.intensity_modality!r} not among {self.modalities}")
         self.val, self.test = val_dataset, test_dataset
@@ -173,6 +180,10 @@ class Evaluator:
         self.num_steps = num_steps
         self.guidance_scales = [float(w) for w in guidance_scales]
         self.anofpdm_options = dict(anofpdm_options or {})
+        self.median_kernel = int(median_kernel or (calibration.median_kernel if calibration else 5))
+        if min_component_size is None:
+            min_component_size = calibration.min_component_size if calibration else 40
+        self.min_component_size = int(min_component_size)
         self.batch_size = int(batch_size)
         self.autocast = torch.bfloat16 if (amp and self.device.type == "cuda") else None
         self.progress = progress
@@ -217,6 +228,8 @@ class Evaluator:
                 "divergence": given.divergence,
                 "end_step": given.end_step,
             }
+        options.setdefault("median_kernel", self.median_kernel)
+        options.setdefault("min_component_size", self.min_component_size)
         inferer = AnoFPDMInferer(
             map_channels=self.map_channels, forward=forward, seed=self.seeds[0], autocast_dtype=self.autocast, **options
         )
@@ -241,6 +254,8 @@ class Evaluator:
             quantile_range=list(inferer.quantile_range),
             map_modalities=self.map_modalities,
             map_channels=self.map_channels,
+            median_kernel=inferer.median_kernel,
+            min_component_size=inferer.min_component_size,
             checkpoint_digest=self.digest,
             datalist="validation split of the evaluation",
             **result,
@@ -280,21 +295,29 @@ class Evaluator:
             if method == "anofpdm_tuned":
                 cal = self.anofpdm_calibration("ddim")
                 maps = self._val_maps(inferer_from_calibration(cal, seed=self.seeds[0], autocast_dtype=self.autocast))
-                thr, dice = tune_threshold(maps, gt["label"], threshold_candidates(maps, gt["brain"]))
+                thr, dice = self._tune(maps, gt)
                 best = {"threshold": thr, "val_dice": dice}
             elif method == "intensity":
-                maps = self._val_maps(IntensityInferer(self.modalities.index(self.intensity_modality)))
-                thr, dice = tune_threshold(maps, gt["label"], threshold_candidates(maps, gt["brain"]))
+                maps = self._val_maps(self._intensity(None))
+                thr, dice = self._tune(maps, gt)
                 best = {"threshold": thr, "val_dice": dice}
             else:
                 for t in self.noise_levels:
                     maps = self._val_maps(self._baseline(method, t, None, self.seeds[0]))
-                    thr, dice = tune_threshold(maps, gt["label"], threshold_candidates(maps, gt["brain"]))
+                    thr, dice = self._tune(maps, gt)
                     if dice > best["val_dice"]:
                         best = {"noise_level": t, "threshold": thr, "val_dice": dice}
             state[method] = best
             self._save_tuning(state)
         return state
+
+    def _tune(self, maps: np.ndarray, gt: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        candidates = threshold_candidates(maps, gt["brain"])
+        return tune_threshold(maps, gt["label"], candidates, self.min_component_size)
+
+    def _intensity(self, threshold: float | None) -> IntensityInferer:
+        channel = self.modalities.index(self.intensity_modality)
+        return IntensityInferer(channel, threshold, self.median_kernel, self.min_component_size, self.polarity)
 
     def _baseline(self, method: str, noise_level: int, threshold: float | None, seed: int) -> ReconstructionInferer:
         w = self.calibration.guidance_scale if self.calibration is not None else 2.0
@@ -305,6 +328,8 @@ class Evaluator:
             guidance_scale=w,
             map_channels=self.map_channels,
             threshold=threshold,
+            median_kernel=self.median_kernel,
+            min_component_size=self.min_component_size,
             seed=seed,
             autocast_dtype=self.autocast,
         )
@@ -364,7 +389,7 @@ class Evaluator:
     def _run_baseline(self, method: str, seed: int, tuning: Mapping[str, Any]) -> None:
         params = tuning[method]
         if method == "intensity":
-            inferer: Any = IntensityInferer(self.modalities.index(self.intensity_modality), params["threshold"])
+            inferer: Any = self._intensity(params["threshold"])
         else:
             inferer = self._baseline(method, params["noise_level"], params["threshold"], seed)
         for case, idx in tqdm(self._case_indices().items(), desc=f"{method} (seed {seed})", disable=not self.progress):

@@ -27,7 +27,7 @@ from scipy import ndimage
 __all__ = ["Anatomy", "phantom_anatomy", "template_anatomy", "make_case", "make_dataset", "LESION_CONTRAST"]
 
 #: relative intensity change of a lesion per modality (oedema-like: bright on FLAIR/T2, dark on T1)
-LESION_CONTRAST: dict[str, float] = {"flair": 0.9, "t2": 0.8, "t1ce": 0.35, "t1": -0.35, "t1w": -0.45}
+LESION_CONTRAST: dict[str, float] = {"flair": 0.9, "t2": 0.8, "t1ce": 0.35, "t1": -0.5, "t1w": -0.6}
 
 # tissue intensities per modality: (CSF, grey matter, white matter)
 _TISSUE = {
@@ -41,12 +41,14 @@ _TISSUE = {
 
 @dataclass
 class Anatomy:
-    """Tissue probability maps (CSF, GM, WM) on one grid, plus the brain mask and the affine."""
+    """Tissue probability maps (CSF, GM, WM) on one grid, the affine, and optional real intensity images per
+    modality name (used instead of the tissue-contrast model for those modalities)."""
 
     csf: np.ndarray
     gm: np.ndarray
     wm: np.ndarray
     affine: np.ndarray
+    images: dict[str, np.ndarray] | None = None
 
     @property
     def brain(self) -> np.ndarray:
@@ -90,7 +92,14 @@ def template_anatomy(resolution: int = 2) -> Anatomy:
     wma = np.clip(np.asarray(wm.get_fdata(), dtype=np.float32), 0, 1)
     brain = ndimage.binary_fill_holes(ndimage.binary_closing(t1a > 0.05 * t1a.max(), iterations=2))
     csf = np.clip(brain.astype(np.float32) - gma - wma, 0, 1)
-    return Anatomy(csf=csf * brain, gm=gma * brain, wm=wma * brain, affine=np.asarray(t1.affine, dtype=np.float64))
+    t1n = t1a * brain / max(float(np.percentile(t1a[brain], 99)), 1e-6)
+    return Anatomy(
+        csf=csf * brain,
+        gm=gma * brain,
+        wm=wma * brain,
+        affine=np.asarray(t1.affine, dtype=np.float64),
+        images={"t1w": t1n, "t1": t1n},
+    )
 
 
 def _smooth_field(shape: Sequence[int], rng: np.random.Generator, sigma: float) -> np.ndarray:
@@ -149,7 +158,10 @@ def make_case(
     shape = anatomy.csf.shape
     coords = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
     warp = [c + deformation * _smooth_field(shape, rng, sigma=max(2.0, min(shape) / 6)) for c in coords]
-    csf, gm, wm = (ndimage.map_coordinates(t, warp, order=1, mode="constant") for t in (anatomy.csf, anatomy.gm, anatomy.wm))
+    csf, gm, wm = (
+        ndimage.map_coordinates(t, warp, order=1, mode="constant") for t in (anatomy.csf, anatomy.gm, anatomy.wm)
+    )
+    real = {k: ndimage.map_coordinates(v, warp, order=1, mode="constant") for k, v in (anatomy.images or {}).items()}
     brain = (csf + gm + wm) > 0.3
     lesion = np.zeros(shape, dtype=np.float32)
     for _ in range(int(num_lesions)):
@@ -176,8 +188,11 @@ def make_case(
 
     images = []
     for m in modalities:
-        c_csf, c_gm, c_wm = _TISSUE.get(m.lower(), _TISSUE["t1"])
-        tissue = c_csf * csf + c_gm * gm + c_wm * wm
+        if m.lower() in real:
+            tissue = real[m.lower()]
+        else:
+            c_csf, c_gm, c_wm = _TISSUE.get(m.lower(), _TISSUE["t1"])
+            tissue = c_csf * csf + c_gm * gm + c_wm * wm
         tissue = tissue * (1.0 + LESION_CONTRAST.get(m.lower(), 0.5) * lesion)
         tissue = tissue * bias + noise * rng.standard_normal(shape) * brain
         tissue = np.clip(tissue, 0, None) * brain

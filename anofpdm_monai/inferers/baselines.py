@@ -137,18 +137,29 @@ class ReconstructionInferer(Inferer):
 
 
 class IntensityInferer(Inferer):
-    """The intensity floor: the anomaly map is channel ``channel`` rescaled from [-1, 1] to [0, 1].
+    """The intensity floor: the anomaly map is channel ``channel`` rescaled from [-1, 1] to [0, 1] (``polarity
+    "bright"``, e.g. FLAIR for tumours), or its inverse inside the head (``"dark"``, e.g. T1w for stroke lesions;
+    background pixels at -1 get 0).
 
     Args:
-        channel: index of the channel (e.g. FLAIR).
+        channel: index of the channel.
         threshold: map threshold (tuned on validation data); None gives maps only.
         median_kernel, min_component_size: the shared post-processing.
+        polarity: ``"bright"`` or ``"dark"``.
     """
 
     def __init__(
-        self, channel: int = 0, threshold: float | None = None, median_kernel: int = 5, min_component_size: int = 40
+        self,
+        channel: int = 0,
+        threshold: float | None = None,
+        median_kernel: int = 5,
+        min_component_size: int = 40,
+        polarity: str = "bright",
     ) -> None:
         super().__init__()
+        if polarity not in ("bright", "dark"):
+            raise ValueError(f"polarity must be 'bright' or 'dark', got {polarity!r}")
+        self.polarity = polarity
         self.channel = int(channel)
         self.threshold = threshold
         self.median_kernel = median_kernel
@@ -157,7 +168,8 @@ class IntensityInferer(Inferer):
     def __call__(
         self, inputs: torch.Tensor, network: nn.Module | None = None, *args: Any, **kwargs: Any
     ) -> BaselineOutput:  # type: ignore[override]
-        amap = (inputs.float()[:, self.channel] + 1.0) / 2.0
+        x = inputs.float()[:, self.channel]
+        amap = (x + 1.0) / 2.0 if self.polarity == "bright" else torch.where(x > -1.0 + 1e-3, (1.0 - x) / 2.0, 0.0)
         return _finish(amap, self.threshold, self.median_kernel, self.min_component_size, None)
 
 

@@ -91,6 +91,8 @@ def inferer_from_calibration(calibration: Any, **overrides: Any) -> AnoFPDMInfer
         "m_max": calibration.m_max if calibration.end_step == "per_modality" else [calibration.m_max_joint],
         "tau": calibration.tau,
         "quantile_range": calibration.quantile_range,
+        "median_kernel": calibration.median_kernel,
+        "min_component_size": calibration.min_component_size,
     }
     kwargs.update(overrides)
     return AnoFPDMInferer(**kwargs)
