@@ -46,7 +46,8 @@ class CacheBuildError(RuntimeError):
 
 
 def _entry_files(entry: Mapping[str, Any]) -> list[str]:
-    files = list(entry["image"]) if not isinstance(entry["image"], str) else [entry["image"]]
+    image = entry["image"]
+    files = [image] if isinstance(image, (str, os.PathLike)) else list(image)
     files += [entry[k] for k in ("label", "brain_mask") if entry.get(k)]
     return [str(f) for f in files]
 
@@ -101,8 +102,17 @@ class SliceCache:
             return False
         return meta.get("fingerprint") == _fingerprint(entry) and meta.get("id") == str(entry["id"])
 
-    def write_case(self, entry: Mapping[str, Any], arrays: SliceArrays) -> None:
-        """Store one case atomically: written in a temporary folder, then renamed into place."""
+    def write_case(
+        self, entry: Mapping[str, Any], arrays: SliceArrays, fingerprint: list[list[Any]] | None = None
+    ) -> None:
+        """Store one case atomically: written in a temporary folder, then renamed into place.
+
+        Args:
+            entry: the datalist entry the arrays were made from.
+            arrays: its preprocessed slices.
+            fingerprint: the source files' fingerprint taken before preprocessing (default: taken now); a file
+                changed while the case was being preprocessed then leaves the case out of date, to be rebuilt.
+        """
         case_id = str(entry["id"])
         target = self.case_dir(case_id)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -114,19 +124,32 @@ class SliceCache:
             arrays.table.to_csv(tmp / "slices.csv", index=False)
             meta = {
                 "id": case_id,
-                "fingerprint": _fingerprint(entry),
+                "fingerprint": _fingerprint(entry) if fingerprint is None else fingerprint,
                 "has_label": arrays.has_label,
                 "num_slices": len(arrays.table),
                 "preprocessing": self.preprocessor.to_dict(),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            old = None
             if target.exists():
+                if self.is_current(entry):  # written meanwhile by another process (e.g. another DDP rank): keep it
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    self._arrays.pop(case_id, None)
+                    return
                 old = target.with_name(f".{target.name}.old.{os.getpid()}")
                 os.replace(target, old)
+            try:
                 os.replace(tmp, target)
+            except OSError:
+                # another process renamed its own (identical) version into place between our check and our rename
+                if not self.is_current(entry):
+                    if old is not None and not target.exists():
+                        os.replace(old, target)  # put the previous version back
+                        old = None
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -163,8 +186,9 @@ class SliceCache:
             bar = tqdm(todo, desc=description, unit="case", disable=not progress)
             for entry in bar:
                 try:
+                    fingerprint = _fingerprint(entry)
                     data = self.preprocessor(entry)
-                    self.write_case(entry, self.preprocessor.slices(data))
+                    self.write_case(entry, self.preprocessor.slices(data), fingerprint=fingerprint)
                 except (CaseError, ValueError, OSError, RuntimeError) as exc:
                     failures[str(entry["id"])] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     logger.error("case %s failed: %s", entry["id"], failures[str(entry["id"])])

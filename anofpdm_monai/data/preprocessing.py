@@ -41,6 +41,30 @@ SLICE_TABLE_COLUMNS = (
 )
 
 
+def _unwrap_transform_error(exc: RuntimeError, case: str) -> Exception:
+    """The exception to raise for a failure inside the MONAI chain.
+
+    ``monai.transforms.apply_transform`` re-raises every error as ``RuntimeError("applying transform <...>")``
+    (nested once per ``Compose`` level). Returns the :class:`CaseError` in the cause chain if there is one (its
+    message is the one-line reason naming the file), else a one-line ``RuntimeError`` naming the case, the
+    transform and the root cause (chained to ``exc``).
+    """
+    root: BaseException = exc
+    transform = None
+    while str(root).startswith("applying transform") and root.__cause__ is not None:
+        transform = str(root)[len("applying transform ") :].strip("<>").split(" object at ")[0].rsplit(".", 1)[-1]
+        root = root.__cause__
+    if isinstance(root, CaseError):
+        return root
+    if root is exc:
+        return exc
+    lines = str(root).strip().splitlines()
+    reason = lines[0] if lines else ""
+    err = RuntimeError(f"case {case}: preprocessing failed in {transform}: {type(root).__name__}: {reason}")
+    err.__cause__ = root
+    return err
+
+
 @dataclass
 class SliceArrays:
     """The brain-bearing axial slices of one preprocessed case, at model resolution.
@@ -149,7 +173,15 @@ class VolumePreprocessor:
             ``brain`` (1, S, S, D), ``label`` (1, S, S, D) when the entry has one, and ``id``.
         """
         data = {k: v for k, v in entry.items() if k in ("id", "image", "label", "brain_mask") and v is not None}
-        out = self.transform(data)
+        try:
+            out = self.transform(data)
+        except RuntimeError as exc:
+            # MONAI's Compose wraps every failure as RuntimeError("applying transform <object at 0x...>"): surface the
+            # one-line CaseError that names the file, or at least the transform and the underlying message.
+            err = _unwrap_transform_error(exc, str(data.get("id", "<case>")))
+            if err is exc:
+                raise
+            raise err from err.__cause__
         out.pop("brain_mask", None)
         return out
 
