@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .preprocessing import SLICE_TABLE_COLUMNS, SliceArrays, VolumePreprocessor
+from ..utils import default_mode
 from .transforms import CaseError
 
 __all__ = ["SliceCache", "SliceDataset", "CacheBuildError"]
@@ -117,6 +118,7 @@ class SliceCache:
         target = self.case_dir(case_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700: a shared cache must stay readable
         try:
             np.save(tmp / "image.npy", arrays.image.astype(np.float16))
             np.save(tmp / "label.npy", arrays.label.astype(np.uint8))
