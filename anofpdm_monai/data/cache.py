@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .preprocessing import SLICE_TABLE_COLUMNS, SliceArrays, VolumePreprocessor
 from ..utils import default_mode
+from .preprocessing import SLICE_TABLE_COLUMNS, SliceArrays, VolumePreprocessor
 from .transforms import CaseError
 
 __all__ = ["SliceCache", "SliceDataset", "CacheBuildError"]
