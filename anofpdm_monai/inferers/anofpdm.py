@@ -21,6 +21,7 @@ not grow with the number of steps. All candidate guidance scales are evaluated f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -200,8 +201,8 @@ def run_forward_process(
     _check_choice("divergence", divergence, DIVERGENCES)
     grid = make_step_grid(timesteps=timesteps, num_train_timesteps=schedule.num_train_timesteps)
     ws = torch.as_tensor(guidance_scales, dtype=torch.float32, device=x0.device).reshape(-1)
-    if ws.numel() == 0 or bool((ws < 0).any()):
-        raise ValueError(f"guidance scales must be non-empty and >= 0, got {ws.tolist()}")
+    if ws.numel() == 0 or not bool(torch.isfinite(ws).all()) or bool((ws < 0).any()):
+        raise ValueError(f"guidance scales must be non-empty, finite and >= 0, got {ws.tolist()}")
     if x0.ndim != 4:
         raise ValueError(f"x0 must be (B, C, H, W), got shape {tuple(x0.shape)}")
     channels = list(map_channels)
@@ -356,8 +357,8 @@ class AnoFPDMInferer(Inferer):
             self.schedule = scheduler
         else:
             self.schedule = NoiseSchedule.from_scheduler(scheduler)
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
         self.guidance_scale = float(guidance_scale)
         self.map_channels = [int(c) for c in map_channels]
         self.timesteps = make_step_grid(t_max, stride, timesteps, self.schedule.num_train_timesteps)
@@ -373,8 +374,14 @@ class AnoFPDMInferer(Inferer):
                 raise ValueError(
                     f"m_max needs {expected} value(s) for end_step={end_step!r}, got {self.m_max.tolist()}"
                 )
+            if not bool(torch.isfinite(self.m_max).all()) or bool((self.m_max <= 0).any()):
+                raise ValueError(f"m_max must be finite and > 0, got {self.m_max.tolist()}")
+        if tau is not None and not math.isfinite(tau):
+            raise ValueError(f"tau must be finite, got {tau}")
         self.tau = None if tau is None else float(tau)
         self.quantile_range = (float(quantile_range[0]), float(quantile_range[1]))
+        if not 0.0 <= self.quantile_range[0] <= self.quantile_range[1] <= 1.0:
+            raise ValueError(f"quantile_range must satisfy 0 <= a <= b <= 1, got {self.quantile_range}")
         self.threshold = threshold
         self.median_kernel = int(median_kernel)
         self.min_component_size = int(min_component_size)
