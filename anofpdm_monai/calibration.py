@@ -147,6 +147,8 @@ class Calibration:
             mine = getattr(self, key)
             if key == "timesteps":
                 value, mine = [int(t) for t in value], [int(t) for t in mine]
+            elif isinstance(value, (tuple, list, np.ndarray)) and isinstance(mine, (tuple, list)):
+                value, mine = list(np.asarray(value).tolist()), list(mine)  # (0, 3) and [0, 3] are the same
             same = abs(float(value) - float(mine)) < 1e-9 if key == "guidance_scale" else value == mine
             if not same:
                 shown = (lambda v: f"{v[:3]}..{v[-1]} ({len(v)} steps)") if key == "timesteps" else repr
@@ -244,6 +246,14 @@ def calibrate_from_statistics(
         )
     w_star = select_guidance(accuracies, tolerance)
     chosen = next(c for c in candidates if c["guidance_scale"] == w_star)
+    m_chosen = np.asarray(chosen["m_max"] + [chosen["m_max_joint"]], dtype=np.float64)
+    if not bool(np.all(np.isfinite(m_chosen) & (m_chosen > 0))):
+        # Algorithm 1 divides by M_max: a zero (or NaN) would only fail later, at inference
+        raise CalibrationError(
+            f"M_max for w={w_star:g} is {chosen['m_max']} (joint {chosen['m_max_joint']:.3g}), not positive: the "
+            "guided and reference predictions do not differ on the unhealthy validation slices (an untrained "
+            "network, or w = 0 with reference='healthy')"
+        )
     return {
         "guidance_scale": w_star,
         "m_max": chosen["m_max"],

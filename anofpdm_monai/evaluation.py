@@ -10,7 +10,8 @@ Methods (keys of :data:`METHODS`):
 - ``intensity``: the intensity floor (e.g. FLAIR), threshold tuned WITH pixel labels.
 
 AnoFPDM variants sharing a forward mode and seed share one forward pass. Every per-case result is stored under
-``<output_dir>/cases/<method>/seed<k>/<case>.npz`` and reused by reruns; tuning results in ``tuning.json``.
+``<output_dir>/cases/<method>/seed<k>/<case>.npz`` with the settings it was made with (calibration, tuned values,
+post-processing) and reused by reruns with the same settings; tuning results in ``tuning.json``.
 Outputs: ``metrics.csv`` (per slice, method and seed), ``summary.json``, ``summary.md`` (laid out like the papers'
 Table 1, mean +- std over seeds) and ``figures/`` (overlays, curves, PR curves).
 """
@@ -99,6 +100,31 @@ def tune_threshold(
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
+
+
+def _fingerprint(settings: Mapping[str, Any]) -> str:
+    """Canonical JSON of the settings a stored result was made with (compared on reuse)."""
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def _calibration_settings(cal: Calibration) -> dict[str, Any]:
+    """Everything of a calibration that results depend on (not its creation time)."""
+    return {k: v for k, v in cal.to_dict().items() if k != "created"}
+
+
+def _stored_result_matches(path: Path, settings: str, num_slices: int) -> bool:
+    """Whether ``path`` holds a per-case result made with ``settings`` for ``num_slices`` slices."""
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as stored:
+            return (
+                "settings" in stored.files
+                and str(stored["settings"]) == settings
+                and len(stored["pred_label"]) == num_slices
+            )
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 class Evaluator:
@@ -217,7 +243,7 @@ class Evaluator:
         made here on the validation split from slice labels only (stored as ``calibration_<forward>.json``)."""
         given = self.calibration
         if given is not None and given.forward == forward:
-            given.check(source="calibration", checkpoint_digest=self.digest)
+            given.check(source="calibration", checkpoint_digest=self.digest, map_channels=self.map_channels)
             return given
         path = self.output_dir / f"calibration_{forward}.json"
         options = dict(self.anofpdm_options)
@@ -233,18 +259,36 @@ class Evaluator:
         inferer = AnoFPDMInferer(
             map_channels=self.map_channels, forward=forward, seed=self.seeds[0], autocast_dtype=self.autocast, **options
         )
+        ws = sorted({float(c["guidance_scale"]) for c in given.candidates}) if given else self.guidance_scales
+        tolerance = given.tolerance if given else 0.99
         if path.is_file():
             cal = Calibration.load(path)
             try:
-                cal.check(source=str(path), checkpoint_digest=self.digest, timesteps=inferer.timesteps, forward=forward)
-                return cal
+                cal.check(
+                    source=str(path),
+                    checkpoint_digest=self.digest,
+                    timesteps=inferer.timesteps,
+                    forward=forward,
+                    reference=inferer.reference,
+                    divergence=inferer.divergence,
+                    end_step=inferer.end_step,
+                    map_channels=self.map_channels,
+                )
+                same = (
+                    sorted(float(c["guidance_scale"]) for c in cal.candidates) == sorted(ws)
+                    and list(cal.quantile_range) == list(inferer.quantile_range)
+                    and cal.tolerance == tolerance
+                    and cal.num_healthy + cal.num_unhealthy == len(self.val)
+                )
+                if same:
+                    return cal
+                logger.info("recalibrating: %s was made for other candidates, quantile range or slices", path)
             except ValueError:
                 logger.info("recalibrating: %s was made for another setting", path)
-        ws = sorted({float(c["guidance_scale"]) for c in given.candidates}) if given else self.guidance_scales
         stats = collect_statistics(
             self.network, inferer, self._batches(self.val), ws, self.device, self.progress, total=None
         )
-        result = calibrate_from_statistics(stats, tolerance=given.tolerance if given else 0.99)
+        result = calibrate_from_statistics(stats, tolerance=tolerance)
         cal = Calibration(
             timesteps=list(inferer.timesteps),
             forward=forward,
@@ -258,6 +302,7 @@ class Evaluator:
             min_component_size=inferer.min_component_size,
             checkpoint_digest=self.digest,
             datalist="validation split of the evaluation",
+            tolerance=tolerance,
             **result,
         )
         cal.save(path)
@@ -267,7 +312,18 @@ class Evaluator:
     def _tuning(self) -> dict[str, Any]:
         path = self.output_dir / "tuning.json"
         state = json.loads(path.read_text()) if path.is_file() else {}
-        key = {"noise_levels": self.noise_levels, "num_steps": self.num_steps, "digest": self.digest}
+        key = {
+            "noise_levels": self.noise_levels,
+            "num_steps": self.num_steps,
+            "digest": self.digest,
+            "median_kernel": self.median_kernel,
+            "min_component_size": self.min_component_size,
+            "map_channels": self.map_channels,
+            "intensity": [self.intensity_modality, self.polarity],
+            "guidance_scale": self._baseline_guidance(),
+            "seed": self.seeds[0],
+            "validation": [sorted(set(self.val.table["case_id"].astype(str))), len(self.val)],
+        }
         if state.get("_key") != key:
             state = {"_key": key}
         return state
@@ -288,13 +344,18 @@ class Evaluator:
         state = self._tuning()
         gt = self._ground_truth(self.val)
         for method in self.methods:
-            if METHODS[method][1] != "pixel labels" or method in state:
+            if METHODS[method][1] != "pixel labels":
+                continue
+            cal_key = None
+            if method == "anofpdm_tuned":  # its maps depend on the AnoFPDM calibration too
+                cal = self.anofpdm_calibration("ddim")
+                cal_key = _fingerprint(_calibration_settings(cal))
+            if method in state and state[method].get("calibration") == cal_key:
                 continue
             logger.info("tuning %s on the validation split with pixel labels", method)
             best: dict[str, Any] = {"val_dice": -1.0}
             if method == "anofpdm_tuned":
-                cal = self.anofpdm_calibration("ddim")
-                maps = self._val_maps(inferer_from_calibration(cal, seed=self.seeds[0], autocast_dtype=self.autocast))
+                maps = self._val_maps(self._from_calibration(cal, self.seeds[0]))
                 thr, dice = self._tune(maps, gt)
                 best = {"threshold": thr, "val_dice": dice}
             elif method == "intensity":
@@ -307,6 +368,8 @@ class Evaluator:
                     thr, dice = self._tune(maps, gt)
                     if dice > best["val_dice"]:
                         best = {"noise_level": t, "threshold": thr, "val_dice": dice}
+            if cal_key is not None:
+                best["calibration"] = cal_key
             state[method] = best
             self._save_tuning(state)
         return state
@@ -319,8 +382,22 @@ class Evaluator:
         channel = self.modalities.index(self.intensity_modality)
         return IntensityInferer(channel, threshold, self.median_kernel, self.min_component_size, self.polarity)
 
+    def _baseline_guidance(self) -> float:
+        return float(self.calibration.guidance_scale) if self.calibration is not None else 2.0
+
+    def _from_calibration(self, cal: Calibration, seed: int, **overrides: Any) -> AnoFPDMInferer:
+        """An AnoFPDM inferer from a calibration with this evaluator's post-processing (shared by every method)."""
+        return inferer_from_calibration(
+            cal,
+            seed=seed,
+            median_kernel=self.median_kernel,
+            min_component_size=self.min_component_size,
+            autocast_dtype=self.autocast,
+            **overrides,
+        )
+
     def _baseline(self, method: str, noise_level: int, threshold: float | None, seed: int) -> ReconstructionInferer:
-        w = self.calibration.guidance_scale if self.calibration is not None else 2.0
+        w = self._baseline_guidance()
         return ReconstructionInferer(
             method,
             noise_level,
@@ -346,20 +423,35 @@ class Evaluator:
 
     def _run_anofpdm_group(self, forward: str, members: list[str], seed: int, tuning: Mapping[str, Any]) -> None:
         cal = self.anofpdm_calibration(forward)
-        base = inferer_from_calibration(cal, seed=seed, autocast_dtype=self.autocast)
+        base = self._from_calibration(cal, seed)
         post = {
             "anofpdm": base,
             "anofpdm_ddpm": base,
-            "anofpdm_last": inferer_from_calibration(cal, seed=seed, aggregation="last", autocast_dtype=self.autocast),
+            "anofpdm_last": self._from_calibration(cal, seed, aggregation="last"),
         }
         if "anofpdm_tuned" in members:
-            post["anofpdm_tuned"] = inferer_from_calibration(
-                cal, seed=seed, m_max=None, threshold=tuning["anofpdm_tuned"]["threshold"], autocast_dtype=self.autocast
+            post["anofpdm_tuned"] = self._from_calibration(
+                cal, seed, m_max=None, threshold=tuning["anofpdm_tuned"]["threshold"]
             )
+        settings = {
+            m: _fingerprint(
+                {
+                    "method": m,
+                    "seed": seed,
+                    "calibration": _calibration_settings(cal),
+                    "median_kernel": self.median_kernel,
+                    "min_component_size": self.min_component_size,
+                    "threshold": tuning["anofpdm_tuned"]["threshold"] if m == "anofpdm_tuned" else None,
+                }
+            )
+            for m in members
+        }
         for case, idx in tqdm(
             self._case_indices().items(), desc=f"AnoFPDM ({forward}, seed {seed})", disable=not self.progress
         ):
-            todo = [m for m in members if not self._case_path(m, seed, case).is_file()]
+            todo = [
+                m for m in members if not _stored_result_matches(self._case_path(m, seed, case), settings[m], len(idx))
+            ]
             if not todo:
                 continue
             chunks: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in todo}
@@ -384,7 +476,7 @@ class Evaluator:
             for m in todo:
                 merged = {k: np.concatenate([c[k] for c in chunks[m]]) for k in chunks[m][0] if k != "timesteps"}
                 merged["timesteps"] = chunks[m][0]["timesteps"]
-                _save_npz(self._case_path(m, seed, case), **merged)
+                _save_npz(self._case_path(m, seed, case), settings=np.asarray(settings[m]), **merged)
 
     def _run_baseline(self, method: str, seed: int, tuning: Mapping[str, Any]) -> None:
         params = tuning[method]
@@ -392,20 +484,37 @@ class Evaluator:
             inferer: Any = self._intensity(params["threshold"])
         else:
             inferer = self._baseline(method, params["noise_level"], params["threshold"], seed)
+        settings = _fingerprint(
+            {
+                "method": method,
+                "seed": seed,
+                "tuned": dict(params),
+                "tuning_key": tuning.get("_key"),
+                "median_kernel": self.median_kernel,
+                "min_component_size": self.min_component_size,
+            }
+        )
         for case, idx in tqdm(self._case_indices().items(), desc=f"{method} (seed {seed})", disable=not self.progress):
             path = self._case_path(method, seed, case)
-            if path.is_file():
+            if _stored_result_matches(path, settings, len(idx)):
                 continue
             parts = []
             for batch in self._batches(self.test, idx):
                 out = inferer(batch["image"].to(self.device), self.network)
                 parts.append((out.filtered_map.cpu().numpy(), out.mask.cpu().numpy(), out.pred_label.cpu().numpy()))
             maps, masks, pred = (np.concatenate(p) for p in zip(*parts))
-            _save_npz(path, map=maps.astype(np.float32), mask=masks, mask_ungated=masks, pred_label=pred)
+            _save_npz(
+                path,
+                settings=np.asarray(settings),
+                map=maps.astype(np.float32),
+                mask=masks,
+                mask_ungated=masks,
+                pred_label=pred,
+            )
 
     def _load(self, method: str, seed: int) -> dict[str, np.ndarray]:
         parts = [np.load(self._case_path(method, seed, case)) for case in self._case_indices()]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files if k != "timesteps"}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files if k not in ("timesteps", "settings")}
 
     # ------------------------------------------------------------------ the whole workflow
     def run(self) -> dict[str, Any]:

@@ -63,8 +63,10 @@ def write_nifti_like(array: np.ndarray, reference: nib.spatialimages.SpatialImag
     ref_hdr = reference.header
     qform, qcode = reference.get_qform(coded=True)
     sform, scode = reference.get_sform(coded=True)
-    img.set_qform(qform if qform is not None else reference.affine, code=int(qcode) if qform is not None else 1)
-    img.set_sform(sform if sform is not None else reference.affine, code=int(scode) if sform is not None else 1)
+    # keep each code as it is, 0 included (BraTS files have qform_code 0 and sform_code 2): an uncoded form gets the
+    # reference affine as its matrix but stays uncoded, so readers pick the same form as for the input
+    img.set_qform(qform if qform is not None else reference.affine, code=int(qcode))
+    img.set_sform(sform if sform is not None else reference.affine, code=int(scode))
     if hasattr(ref_hdr, "get_xyzt_units"):
         img.header.set_xyzt_units(*ref_hdr.get_xyzt_units())
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
@@ -177,6 +179,8 @@ class VolumeInferer:
             forward=forward,
             guidance_scale=guidance_scale,
             preprocessing=dict(info["preprocessing"]),
+            # forward-process options the calibration depends on, when given as inferer overrides
+            **{k: inferer_overrides.get(k) for k in ("reference", "divergence", "end_step", "map_channels")},
         )
         if amp and device.type == "cuda":
             inferer_overrides.setdefault("autocast_dtype", torch.bfloat16)
@@ -208,7 +212,10 @@ class VolumeInferer:
         for start in range(0, n, self.batch_size):
             x = torch.from_numpy(arrays.image[start : start + self.batch_size]).to(self.device)
             out = self.inferer(x, self.network)
-            idx = arrays.table["slice_index"].to_numpy()[start : start + x.shape[0]]
+            # a tensor copy: pandas may hand out a read-only array, which torch indexing warns about
+            idx = torch.as_tensor(
+                arrays.table["slice_index"].to_numpy(dtype=np.int64, copy=True)[start : start + x.shape[0]]
+            )
             map_vol[0, :, :, idx] = out.filtered_map.float().cpu().permute(1, 2, 0)
             mask_vol[0, :, :, idx] = out.mask.float().cpu().permute(1, 2, 0)
             m = out.divergence.amax(dim=1).cpu()  # (B, Cm)
