@@ -358,7 +358,7 @@ def test_run_bad_case_rerun_and_overwrite(cases, tmp_path):
     assert not [p for p in files if p.name.startswith(".")], "temporary files left behind"
     assert not (out / "case_missing").exists() or not _files(out / "case_missing")
     outputs = [p for p in files if p.name != "inference_summary.json"]
-    assert len(outputs) == 6
+    assert len(outputs) == 8  # map, mask, slices table and provenance per case
     for p in files:
         assert os.stat(p).st_mode & 0o777 == default_mode(), p
     assert net.calls > 0
@@ -381,6 +381,20 @@ def test_run_bad_case_rerun_and_overwrite(cases, tmp_path):
     assert net.calls > 0
     assert all(os.stat(p).st_mtime_ns != old for p in outputs)
     assert not [p for p in _files(out) if p.name.startswith(".")]
+
+
+def test_run_recomputes_cases_made_by_another_setting(cases, tmp_path):
+    entry = cases["RAS"]
+    net = Counting(_tiny_net())
+    vi = VolumeInferer(net, _inferer(), VolumePreprocessor(image_size=SIZE), progress=False)
+    vi.provenance = {"checkpoint_digest": "aaaa", "calibration": {"guidance_scale": 2.0}}
+    assert vi.run([entry], tmp_path)["done"] == [entry["id"]]
+    net.calls = 0
+    assert vi.run([entry], tmp_path)["skipped"] == [entry["id"]] and net.calls == 0
+    vi.provenance = {"checkpoint_digest": "bbbb", "calibration": {"guidance_scale": 2.0}}  # another checkpoint
+    assert vi.run([entry], tmp_path)["done"] == [entry["id"]] and net.calls > 0
+    stored = json.loads((tmp_path / entry["id"] / f"{entry['id']}_provenance.json").read_text())
+    assert stored["checkpoint_digest"] == "bbbb"
 
 
 def test_run_recomputes_a_partly_written_case(cases, tmp_path):

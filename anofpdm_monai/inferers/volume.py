@@ -4,7 +4,9 @@ Per case, :class:`VolumeInferer` writes ``<output_dir>/<case_id>/``:
 
 - ``<case_id>_anomaly_map.nii.gz`` (float32): the median-filtered AnoFPDM map (the one the mask thresholds);
 - ``<case_id>_anomaly_mask.nii.gz`` (uint8): the post-processed mask, empty on slices classified healthy;
-- ``<case_id>_slices.csv``: per slice index, t_e, M, c, predicted label, threshold.
+- ``<case_id>_slices.csv``: per slice index, t_e, M, c, predicted label, threshold;
+- ``<case_id>_provenance.json``: the checkpoint digest and calibration that made them (a rerun recomputes a case
+  made by another checkpoint or calibration).
 
 All three are on the input file's grid and affine: the resize, square padding and RAS reorientation are undone
 with MONAI's ``Invertd``; slices outside the brain range are zero. Slices of a volume are batched; every file is
@@ -137,6 +139,9 @@ class VolumeInferer:
         self.batch_size = int(batch_size)
         self.progress = progress
         self.overwrite = overwrite
+        #: what made the outputs (set by :meth:`from_files`): stored per case, and a rerun skips a finished case
+        #: only when it matches, so outputs of another checkpoint or calibration are recomputed
+        self.provenance: dict[str, Any] | None = None
 
     @classmethod
     def from_files(
@@ -186,7 +191,15 @@ class VolumeInferer:
             inferer_overrides.setdefault("autocast_dtype", torch.bfloat16)
         inferer = inferer_from_calibration(cal, **inferer_overrides)
         preprocessor = VolumePreprocessor.from_dict(info["preprocessing"])
-        return cls(network, inferer, preprocessor, cal.map_modalities, batch_size, device, progress, overwrite)
+        volume_inferer = cls(
+            network, inferer, preprocessor, cal.map_modalities, batch_size, device, progress, overwrite
+        )
+        volume_inferer.provenance = {
+            "checkpoint_digest": info["digest"],
+            "calibration": {k: v for k, v in cal.to_dict().items() if k != "created"},
+            "overrides": {k: repr(v) for k, v in sorted(inferer_overrides.items()) if k != "progress"},
+        }
+        return volume_inferer
 
     # ------------------------------------------------------------------ one case
     def output_paths(self, output_dir: str | os.PathLike, case_id: str) -> dict[str, Path]:
@@ -195,7 +208,20 @@ class VolumeInferer:
             "map": folder / f"{case_id}_anomaly_map.nii.gz",
             "mask": folder / f"{case_id}_anomaly_mask.nii.gz",
             "slices": folder / f"{case_id}_slices.csv",
+            "provenance": folder / f"{case_id}_provenance.json",
         }
+
+    def is_finished(self, output_dir: str | os.PathLike, case_id: str) -> bool:
+        """All outputs exist and were made with this checkpoint and calibration."""
+        paths = self.output_paths(output_dir, case_id)
+        if not all(p.is_file() for p in paths.values()):
+            return False
+        if self.provenance is None:
+            return True
+        try:
+            return json.loads(paths["provenance"].read_text()) == json.loads(json.dumps(self.provenance))
+        except (OSError, ValueError):
+            return False
 
     @torch.no_grad()
     def predict_case(self, entry: Mapping[str, Any]) -> CaseResult:
@@ -249,6 +275,8 @@ class VolumeInferer:
             result.table.to_csv(tmp, index=False)
         write_nifti_like(result.anomaly_map, result.reference, paths["map"])
         write_nifti_like(result.mask, result.reference, paths["mask"])
+        with atomic_path(paths["provenance"]) as tmp:  # written last: marks the case finished
+            tmp.write_text(json.dumps(self.provenance or {}, indent=1, default=str))
         return paths
 
     # ------------------------------------------------------------------ many cases
@@ -282,8 +310,7 @@ class VolumeInferer:
         start = time.time()
         for entry in tqdm(entries, desc="cases", unit="case", disable=not self.progress):
             case_id = str(entry.get("id", "<case>"))
-            paths = self.output_paths(output_dir, case_id)
-            if not self.overwrite and all(p.is_file() for p in paths.values()):
+            if not self.overwrite and self.is_finished(output_dir, case_id):
                 skipped.append(case_id)
                 continue
             try:
