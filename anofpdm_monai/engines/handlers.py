@@ -10,7 +10,9 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, TimeLimit
+from ignite.handlers import Checkpoint
 
 from ..inferers.reconstruction import ddim_decode, ddim_encode, reconstruction_grid
 from ..inferers.schedule import NoiseSchedule
-from ..networks.checkpoint import save_checkpoint, unwrap
+from ..networks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
 from ..networks.unet import HEALTHY, NULL
 
 __all__ = ["RNGState", "TrainingCheckpointer", "TimeBudget", "ReconstructionSaver", "ProgressBar", "is_main_process"]
@@ -34,6 +36,23 @@ logger = logging.getLogger(__name__)
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of an initialised process group."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _atomic_link(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link to ``source`` (a copy where links are not supported), replacing it atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        os.remove(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -76,14 +95,19 @@ class TrainingCheckpointer:
 
     - At ``STARTED``, if ``resume`` and ``<save_dir>/checkpoint_latest.pt`` exists, every object of ``save_dict``
       (model, EMA model, optimizer, trainer, RNG state, metadata, ...) is restored, so training continues exactly
-      where the last checkpoint left it (``max_epochs`` of the new run is kept).
+      where the last checkpoint left it (``max_epochs`` of the new run is kept). ``metadata`` is restored first, so a
+      checkpoint of another architecture or preprocessing is refused with a one-line :class:`CheckpointError`.
     - Every ``save_interval`` epochs (after the handlers attached before it, e.g. validation), the state is saved
-      as ``checkpoint_epoch=N.pt`` (the last ``n_saved`` kept) and ``checkpoint_latest.pt``.
+      as ``checkpoint_epoch=N.pt`` (the last ``n_saved`` kept) and ``checkpoint_latest.pt`` (a hard link to the
+      same file where the file system allows, otherwise a copy; each written through a temporary file and a rename).
+    - On ``TERMINATE`` (a time budget, a handler stopping the run), ``checkpoint_latest.pt`` gets the mid-epoch
+      state (``save_on_terminate``); resuming from it skips the batches already seen in that epoch (ignite), with a
+      new data order for the rest of the epoch. Resuming from an epoch boundary reproduces an uninterrupted run.
     - At ``COMPLETED`` (also after a termination), ``final_name`` gets the inference checkpoint: metadata, model
       and EMA weights (see :func:`anofpdm_monai.networks.save_checkpoint`).
 
-    The engine it is attached to is checkpointed as ``engine_key`` (its epoch and iteration), which avoids the
-    circular reference of listing the trainer in its own handler's config.
+    The engine it is attached to is checkpointed as ``engine_key`` (its iteration), and its AMP gradient scaler as
+    ``scaler`` when it has one; this avoids the circular reference of listing the trainer in its own handler's config.
 
     MONAI's ``CheckpointSaver`` writes non-atomically and ``CheckpointLoader`` needs the file to exist when the
     config is built; this handler covers both for the resume-if-present workflow. Only rank 0 writes.
@@ -98,6 +122,7 @@ class TrainingCheckpointer:
         ema_key: key of the EMA model in ``save_dict`` (stored as ``ema`` in the final checkpoint).
         preprocessing: preprocessing parameters recorded in the final checkpoint.
         engine_key: name under which the attached engine's state is saved (None: not saved).
+        save_on_terminate: write ``checkpoint_latest.pt`` when the run is terminated early.
     """
 
     LATEST = "checkpoint_latest.pt"
@@ -113,6 +138,7 @@ class TrainingCheckpointer:
         ema_key: str | None = "ema",
         preprocessing: Any = None,
         engine_key: str | None = "trainer",
+        save_on_terminate: bool = True,
     ) -> None:
         if "model" not in save_dict:
             raise ValueError("save_dict must contain 'model'")
@@ -125,6 +151,7 @@ class TrainingCheckpointer:
         self.ema_key = ema_key
         self.preprocessing = preprocessing
         self.engine_key = engine_key
+        self.save_on_terminate = save_on_terminate
         self.resumed_from: Path | None = None
 
     @property
@@ -134,19 +161,37 @@ class TrainingCheckpointer:
     def attach(self, engine: Engine) -> None:
         if self.engine_key:
             self.save_dict[self.engine_key] = engine
+        scaler = getattr(engine, "scaler", None)  # MONAI trainers with amp=True on CUDA
+        if scaler is not None and hasattr(scaler, "state_dict") and "scaler" not in self.save_dict:
+            self.save_dict["scaler"] = scaler
         engine.add_event_handler(Events.STARTED, self.load)
         if self.save_interval > 0:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        if self.save_on_terminate:
+            engine.add_event_handler(Events.TERMINATE, self.save_latest)
         if self.final_name:
             engine.add_event_handler(Events.COMPLETED, self.save_final)
 
     def load(self, engine: Engine) -> None:
+        """Restore ``save_dict`` from ``checkpoint_latest.pt`` when resuming and the file exists."""
         if not (self.resume and self.latest.is_file()):
             return
-        checkpoint = torch.load(self.latest, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(self.latest)
+        if "model" not in checkpoint:
+            raise CheckpointError(f"{self.latest} holds no 'model' state; delete it or set resume to false")
         prior_max_epochs = engine.state.max_epochs
         to_load = {k: v for k, v in self.save_dict.items() if k in checkpoint}
-        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
+        if "metadata" in to_load:  # first: a clear message for another architecture, before any weight is touched
+            try:
+                to_load.pop("metadata").load_state_dict(checkpoint["metadata"])
+            except CheckpointError as exc:
+                hint = "use another output folder or set resume to false"
+                raise CheckpointError(f"{self.latest}: {exc}; {hint}") from None
+        try:
+            Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"cannot resume from {self.latest}: {first}") from None
         if prior_max_epochs is not None:
             engine.state.max_epochs = max(prior_max_epochs, engine.state.epoch)
         self.resumed_from = self.latest
@@ -161,13 +206,12 @@ class TrainingCheckpointer:
         return out
 
     def save(self, engine: Engine) -> None:
+        """Write ``checkpoint_epoch=N.pt`` and ``checkpoint_latest.pt``, then prune to the last ``n_saved``."""
         if not is_main_process():
             return
-        state = self._state()
-        epoch = engine.state.epoch
-        numbered = self.save_dir / f"checkpoint_epoch={epoch}.pt"
-        _atomic_torch_save(state, numbered)
-        _atomic_torch_save(state, self.latest)
+        numbered = self.save_dir / f"checkpoint_epoch={engine.state.epoch}.pt"
+        _atomic_torch_save(self._state(), numbered)
+        _atomic_link(numbered, self.latest)
         pattern = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
         saved = sorted(
             (int(m.group(1)), p) for p in self.save_dir.glob("checkpoint_epoch=*.pt") if (m := pattern.search(p.name))
@@ -175,7 +219,14 @@ class TrainingCheckpointer:
         for _, p in saved[: -self.n_saved]:
             p.unlink(missing_ok=True)
 
+    def save_latest(self, engine: Engine) -> None:
+        """Write ``checkpoint_latest.pt`` only (the state of a terminated run)."""
+        if is_main_process():
+            _atomic_torch_save(self._state(), self.latest)
+            logger.info("run terminated at iteration %d: state saved to %s", engine.state.iteration, self.latest)
+
     def save_final(self, engine: Engine) -> None:
+        """Write the inference checkpoint ``final_name`` (metadata, model, EMA, iteration, epoch)."""
         if not is_main_process() or not self.final_name:
             return
         model = self.save_dict["model"]
@@ -185,15 +236,41 @@ class TrainingCheckpointer:
 
 
 class TimeBudget:
-    """Stop training after ``seconds`` of wall-clock time (ignite's ``TimeLimit``, checked every iteration);
-    the trainer then completes normally, so the final checkpoint is written. ``None`` or <= 0 disables it."""
+    """Stop training after ``seconds`` of wall-clock time, checked every iteration; the trainer then completes
+    normally, so the state and the final checkpoint are written. ``None`` or <= 0 disables it.
+
+    ignite's ``TimeLimit`` is not used: under DistributedDataParallel each rank would stop at its own iteration and
+    the others would wait forever in the gradient all-reduce. Here the ranks agree (an all-reduce of the stop flag,
+    one scalar per iteration) and all stop after the same iteration.
+
+    Args:
+        seconds: the budget, counted from the engine's ``STARTED`` event.
+    """
 
     def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
+        self._start: float | None = None
 
     def attach(self, engine: Engine) -> None:
         if self.seconds is not None and self.seconds > 0:
-            engine.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(max(1, self.seconds))))
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.monotonic()
+
+    def _check(self, engine: Engine) -> None:
+        start = self._start if self._start is not None else time.monotonic()
+        stop = time.monotonic() - start >= float(self.seconds)  # type: ignore[arg-type]
+        if dist.is_available() and dist.is_initialized():
+            on_cuda = dist.get_backend() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+            flag = torch.tensor([1.0 if stop else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item() > 0)
+        if stop:
+            logger.info("time budget of %s s reached at iteration %d: stopping", self.seconds, engine.state.iteration)
+            engine.terminate()
 
 
 class ReconstructionSaver:
@@ -281,11 +358,13 @@ class ProgressBar:
     Args:
         loss_key: key of the loss in the engine output (a dict when the trainer runs with ``decollate=False``).
         persist: keep the bar after each epoch.
+        enabled: attach nothing when False (e.g. ``--progress False`` for logs without bars).
     """
 
-    def __init__(self, loss_key: str = "loss", persist: bool = False) -> None:
+    def __init__(self, loss_key: str = "loss", persist: bool = False, enabled: bool = True) -> None:
         self.loss_key = loss_key
         self.persist = persist
+        self.enabled = bool(enabled)
 
     def _output(self, output: Any) -> dict[str, float]:
         if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
@@ -297,5 +376,5 @@ class ProgressBar:
     def attach(self, engine: Engine) -> None:
         from ignite.handlers import ProgressBar as IgniteProgressBar
 
-        if is_main_process():
+        if self.enabled and is_main_process():
             IgniteProgressBar(persist=self.persist).attach(engine, output_transform=self._output)

@@ -14,6 +14,12 @@ from ..networks.unet import NULL
 __all__ = ["ClassifierFreePrepareBatch", "ClassConditionedDiffusionInferer"]
 
 
+def _rank() -> int:
+    """Rank of this process in the default process group (0 when not distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
     """``DiffusionPrepareBatch`` that also passes slice labels, each replaced by the null label with probability
     ``p_uncond`` (classifier-free guidance training).
@@ -53,8 +59,7 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
         self.generator = torch.Generator()
         if seed is None:
             # distinct streams per rank under DistributedDataParallel (ranks share the global seed)
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + rank)
+            self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + _rank())
         else:
             self.generator.manual_seed(seed)
 
@@ -95,10 +100,21 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
             engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.generator.manual_seed(self.seed))
 
     def state_dict(self) -> dict[str, Any]:
+        """The generator state (checkpointed with the model for exact resumption)."""
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the generator state.
+
+        Checkpoints are written by rank 0 only, so under DistributedDataParallel every rank reads rank 0's state;
+        the other ranks then derive a distinct stream from it (rank 0 continues exactly), otherwise all ranks would
+        draw the same timesteps and noise after a resume.
+        """
         self.generator.set_state(state["generator"])
+        rank = _rank()
+        if rank > 0 and self.seed is None:
+            offset = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+            self.generator.manual_seed(offset + rank)
 
 
 class ClassConditionedDiffusionInferer(DiffusionInferer):

@@ -10,7 +10,9 @@ when the caller supplies the network.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Mapping
@@ -62,9 +64,11 @@ def _config_of(network: nn.Module) -> dict[str, Any]:
     return dict(config)
 
 
-def _diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
-    keys = sorted(set(a) | set(b))
-    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+def _diff(theirs: Mapping[str, Any], mine: Mapping[str, Any]) -> str:
+    """``field: checkpoint value vs this value`` for every differing field."""
+    keys = sorted(set(theirs) | set(mine))
+    diffs = [k for k in keys if theirs.get(k) != mine.get(k)]
+    return ", ".join(f"{k}: {theirs.get(k)!r} in the checkpoint vs {mine.get(k)!r} here" for k in diffs)
 
 
 class CheckpointMetadata:
@@ -89,10 +93,9 @@ class CheckpointMetadata:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = _config_of(self.network)
-        if dict(state.get("network", {})) != mine:
-            raise CheckpointError(
-                f"checkpoint was made for another network architecture ({_diff(state['network'], mine)})"
-            )
+        theirs_net = dict(state.get("network") or {})
+        if theirs_net != mine:
+            raise CheckpointError(f"checkpoint was made for another network architecture ({_diff(theirs_net, mine)})")
         theirs = state.get("preprocessing")
         if self.preprocessing is not None and theirs is not None and dict(theirs) != self.preprocessing:
             raise CheckpointError(f"checkpoint was made with other preprocessing ({_diff(theirs, self.preprocessing)})")
@@ -169,13 +172,20 @@ def load_weights(
     """Load weights into an existing network, refusing a checkpoint of another architecture.
 
     Plain state dicts are loaded strictly; failing that, as a MONAI Generative checkpoint through
-    ``DiffusionModelUNet.load_old_state_dict``.
+    ``DiffusionModelUNet.load_old_state_dict``. On any failure the network keeps its previous weights.
 
     Args:
         network: the network (wrappers are looked through).
         path: checkpoint file.
         use_ema: prefer the EMA weights when the checkpoint has them.
         map_location: as ``torch.load``.
+
+    Returns:
+        ``network``, with the weights loaded.
+
+    Raises:
+        CheckpointError: one line naming the file and, for another architecture, the differing config fields (or
+            the missing, unexpected and mismatched keys of a plain state dict).
     """
     content = load_checkpoint(path, map_location=map_location)
     net = unwrap(network)
@@ -186,18 +196,54 @@ def load_weights(
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
     state = _select_state(content, use_ema, path)
-    try:
+    mismatch = _state_mismatch(net.state_dict(), state)
+    if not mismatch:
         net.load_state_dict(state)
-    except RuntimeError as exc:
-        if meta is None and hasattr(net, "load_old_state_dict"):
-            try:
-                net.load_old_state_dict(dict(state))
-                return network
-            except (KeyError, RuntimeError):
-                pass
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this network: {first}") from None
-    return network
+        return network
+    if meta is None and hasattr(net, "load_old_state_dict") and _load_old_state_dict(net, state):
+        return network
+    raise CheckpointError(f"checkpoint {path} does not fit this network: {mismatch}")
+
+
+def _state_mismatch(mine: Mapping[str, torch.Tensor], theirs: Mapping[str, Any]) -> str:
+    """One-line summary of how ``theirs`` differs from ``mine`` (empty when it loads strictly)."""
+    missing = [k for k in mine if k not in theirs]
+    unexpected = [k for k in theirs if k not in mine]
+    shapes = []
+    for k, v in mine.items():
+        if k in theirs:
+            if not isinstance(theirs[k], torch.Tensor):
+                shapes.append(f"{k}: {type(theirs[k]).__name__}, not a tensor")
+            elif theirs[k].shape != v.shape:
+                shapes.append(f"{k}: {tuple(theirs[k].shape)} in the file vs {tuple(v.shape)} in the network")
+    parts = []
+    for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            parts.append(f"{len(items)} {name} (e.g. {items[0]})")
+    return "; ".join(parts)
+
+
+def _load_old_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Try a MONAI Generative state dict through ``DiffusionModelUNet.load_old_state_dict``; False when it does not fit.
+
+    MONAI's converter renames keys one to one, but it silently keeps the network's own (random) values for keys the
+    old dict lacks and ignores keys it cannot place; the conversion is therefore accepted only when the old dict has
+    as many entries as the network's and every one of them was consumed. On failure the previous weights are restored.
+    """
+    if len(state) != len(net.state_dict()):
+        return False
+    backup = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    old = dict(state)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints progress messages
+            net.load_old_state_dict(old)
+    except (KeyError, RuntimeError):
+        net.load_state_dict(backup)
+        return False
+    if old:  # entries the converter could not place
+        net.load_state_dict(backup)
+        return False
+    return True
 
 
 def load_network(
@@ -222,14 +268,13 @@ def load_network(
         use_flash_attention = torch.cuda.is_available()
     try:
         network = AnoFPDMUNet(**meta["network"], use_flash_attention=use_flash_attention)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} has an unusable network configuration: {exc}") from None
     state = _select_state(content, use_ema, path)
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} weights do not fit its own configuration: {first}") from None
+    mismatch = _state_mismatch(network.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} weights do not fit its own network configuration: {mismatch}")
+    network.load_state_dict(state)
     network.eval()
     info = {"network": dict(meta["network"]), "preprocessing": meta.get("preprocessing"), "digest": file_digest(path)}
     return network, info
