@@ -57,7 +57,7 @@ def _step(title: str) -> float:
     return time.time()
 
 
-def _make_data(root: Path, seed: int, subjects: Sequence[int]) -> Path:
+def _make_data(root: Path, seed: int, subjects: Sequence[int], template_mm: int) -> Path:
     from .data.datalist import write_datalist
     from .data.synthetic import make_dataset, template_anatomy
 
@@ -65,7 +65,7 @@ def _make_data(root: Path, seed: int, subjects: Sequence[int]) -> Path:
     if datalist_path.is_file():
         print(f"reusing the synthetic dataset in {root}")
         return datalist_path
-    anatomy = template_anatomy(resolution=2)
+    anatomy = template_anatomy(resolution=template_mm)
     datalist = make_dataset(
         root,
         anatomy,
@@ -73,10 +73,10 @@ def _make_data(root: Path, seed: int, subjects: Sequence[int]) -> Path:
         modalities=["t1w"],
         lesion_fraction=0.75,
         lesions_per_subject=2,
-        lesion_radius=(5.0, 8.0),
+        lesion_radius=(12.0 / template_mm, 20.0 / template_mm),
         seed=seed,
         prefix="mni",
-        deformation=3.0,
+        deformation=6.0 / template_mm,
         noise=0.03,
     )
     datalist["description"] = (
@@ -129,11 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output_dir", default="demo_output", help="where everything is written")
     parser.add_argument("--train_minutes", type=float, default=4.0, help="wall-clock training budget")
-    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--image_size", type=int, default=32, help="model resolution (32 keeps the demo CPU-cheap)")
+    parser.add_argument("--template_mm", type=int, default=3, help="voxel size of the MNI template subjects")
     parser.add_argument("--network_size", default="small")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--stride", type=int, default=20, help="step-grid stride of AnoFPDM (0..599)")
-    parser.add_argument("--subjects", type=int, nargs=3, default=(10, 3, 3), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--stride", type=int, default=30, help="step-grid stride of AnoFPDM (0..599)")
+    parser.add_argument("--subjects", type=int, nargs=3, default=(10, 2, 2), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train again even if a model exists")
     args = parser.parse_args(argv)
@@ -146,12 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = {"dataset_dir": str(data_dir), "cache_dir": str(cache_dir)}
 
     t = _step("1/6 synthetic dataset (MNI152 template subjects, SYNTHETIC lesions)")
-    datalist = _make_data(data_dir, args.seed, args.subjects)
+    datalist = _make_data(data_dir, args.seed, args.subjects, args.template_mm)
     common["datalist"] = str(datalist)
     print(f"datalist: {datalist} ({time.time() - t:.0f} s)")
 
-    t = _step(f"2/6 training ({args.network_size} network, {args.image_size}x{args.image_size}, "
-              f"{args.train_minutes:g} min budget)")
+    t = _step(
+        f"2/6 training ({args.network_size} network, {args.image_size}x{args.image_size}, "
+        f"{args.train_minutes:g} min budget)"
+    )
     if (model_dir / "model.pt").is_file() and not args.retrain:
         print(f"reusing the trained model {model_dir / 'model.pt'} (use --retrain to train again)")
     else:
@@ -167,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             time_limit=int(args.train_minutes * 60),
             learning_rate=2e-4,
             ema_decay=0.995,
+            ema_warmup_iters=200,
             num_workers=0,
             val_interval=5,
             checkpoint_interval=5,
@@ -209,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibration=str(out / "calibration.json"),
         output_dir=str(out),
         evaluation_dir=str(evaluation_dir),
-        methods=["anofpdm", "anofpdm_last", "ddim_cfg", "intensity"],
+        methods=["anofpdm", "anofpdm_last", "intensity"],
         seeds=[0],
         noise_levels=[300],
         num_steps=20,

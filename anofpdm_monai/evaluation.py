@@ -726,14 +726,16 @@ def run_evaluation(
     calibration: str | os.PathLike | None = None,
     val_split: str = "validation",
     test_split: str = "test",
+    use_ema: bool = True,
     **evaluator_kwargs: Any,
 ) -> dict[str, Any]:
-    """Load the checkpoint (and the calibration file when it exists), build the validation and test slice datasets
-    through the cache, and run :class:`Evaluator`. Returns the summary."""
+    """Load the checkpoint (its EMA weights, or the raw ones with ``use_ema=False``) and the calibration file when it
+    exists, build the validation and test slice datasets through the cache, and run :class:`Evaluator`. Returns the
+    summary."""
     from .data import SliceDataset
     from .networks import load_network
 
-    network, info = load_network(checkpoint, map_location="cpu")
+    network, info = load_network(checkpoint, use_ema=use_ema, map_location="cpu")
     if not info.get("preprocessing"):
         raise ValueError(f"checkpoint {checkpoint} records no preprocessing; train with the bundle")
     cal = None

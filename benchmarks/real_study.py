@@ -84,11 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-case", default="brats_2013_pat0004_1")
     parser.add_argument("--test-case", default="BraTS2021_00006")
     parser.add_argument("--device", default=None, help="cpu or cuda:0 (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--stages", nargs="+", default=["train", "calibrate", "evaluate"], choices=["train", "calibrate", "evaluate"]
     )
     args = parser.parse_args(argv)
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not (args.data / "manifest.json").is_file():
         raise SystemExit(f"no manifest.json in {args.data}: pass --data <shared data folder>")
     out = args.output.resolve()

@@ -416,7 +416,7 @@ def test_run_calibration_end_to_end(synthetic, tmp_path):
     loaded = Calibration.load(out)
     assert loaded == cal
     assert loaded.timesteps == GRID
-    assert loaded.checkpoint_digest == file_digest(synthetic["checkpoint"])
+    assert loaded.checkpoint_digest == file_digest(synthetic["checkpoint"]) + "-model"  # no EMA weights saved
     assert loaded.preprocessing == synthetic["pre"].to_dict()
     assert loaded.min_component_size == 10 and loaded.median_kernel == 5
     assert loaded.map_modalities == ["flair", "t2"] and loaded.map_channels == [0, 3]
@@ -432,7 +432,7 @@ def test_run_calibration_end_to_end(synthetic, tmp_path):
         "per_modality",
     )
     # the file is what inference checks against
-    loaded.check(checkpoint_digest=file_digest(synthetic["checkpoint"]), timesteps=GRID, forward="ddim")
+    loaded.check(checkpoint_digest=file_digest(synthetic["checkpoint"]) + "-model", timesteps=GRID, forward="ddim")
     # the chosen candidate's values are the ones recorded
     chosen = next(c for c in loaded.candidates if c["guidance_scale"] == loaded.guidance_scale)
     assert (chosen["tau"], chosen["m_max"]) == (loaded.tau, loaded.m_max)

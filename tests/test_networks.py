@@ -16,6 +16,7 @@ from anofpdm_monai.networks import (
     CheckpointError,
     CheckpointMetadata,
     build_diffusion_unet,
+    file_digest,
     load_checkpoint,
     load_network,
     load_weights,
@@ -251,7 +252,8 @@ def test_load_network_from_metadata_prefers_ema(tmp_path):
     loaded, info = load_network(path)
     assert info["network"] == net.config
     assert info["preprocessing"] == {"modalities": ["flair", "t1", "t1ce", "t2"], "image_size": 16}
-    assert isinstance(info["digest"], str) and len(info["digest"]) == 16
+    assert info["digest"] == file_digest(path) + "-ema" and info["weights"] == "ema"
+    assert load_network(path, use_ema=False)[1]["digest"] == file_digest(path) + "-model"
     assert not loaded.training
     for k, v in ema.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=0, rtol=0)

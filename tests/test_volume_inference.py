@@ -27,7 +27,7 @@ from anofpdm_monai.inferers import (
     VolumeInferer,
     write_nifti_like,
 )
-from anofpdm_monai.networks import build_diffusion_unet, file_digest, save_checkpoint
+from anofpdm_monai.networks import build_diffusion_unet, load_network, save_checkpoint
 from anofpdm_monai.networks.unet import HEALTHY
 from anofpdm_monai.utils import default_mode
 
@@ -159,7 +159,7 @@ def model_files(tmp_path_factory) -> dict:
         map_modalities=["flair", "t2"],
         map_channels=[0, 3],
         min_component_size=3,
-        checkpoint_digest=file_digest(ckpt),
+        checkpoint_digest=load_network(ckpt)[1]["digest"],
         preprocessing=pre.to_dict(),
         datalist="synthetic [validation]",
     )

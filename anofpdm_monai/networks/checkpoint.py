@@ -256,7 +256,8 @@ def load_network(
 
     Returns:
         ``(network, metadata)``; ``metadata`` has ``network`` (architecture), ``preprocessing`` (parameters or
-        None) and ``digest`` (file digest, for calibration records). The network is in eval mode.
+        None), ``digest`` (file digest and which weights, ``<sha>-ema`` or ``<sha>-model``, for calibration records)
+        and ``weights``. The network is in eval mode.
     """
     content = load_checkpoint(path, map_location=map_location)
     meta = content.get("metadata")
@@ -276,5 +277,12 @@ def load_network(
         raise CheckpointError(f"checkpoint {path} weights do not fit its own network configuration: {mismatch}")
     network.load_state_dict(state)
     network.eval()
-    info = {"network": dict(meta["network"]), "preprocessing": meta.get("preprocessing"), "digest": file_digest(path)}
+    weights = "ema" if use_ema and "ema" in content else "model"
+    info = {
+        "network": dict(meta["network"]),
+        "preprocessing": meta.get("preprocessing"),
+        # which weights of which file: a calibration made with the EMA weights does not fit the raw ones
+        "digest": f"{file_digest(path)}-{weights}",
+        "weights": weights,
+    }
     return network, info
