@@ -73,7 +73,7 @@ def _make_data(root: Path, seed: int, subjects: Sequence[int], template_mm: int)
         modalities=["t1w"],
         lesion_fraction=0.75,
         lesions_per_subject=2,
-        lesion_radius=(12.0 / template_mm, 20.0 / template_mm),
+        lesion_radius=(20.0 / template_mm, 32.0 / template_mm),
         seed=seed,
         prefix="mni",
         deformation=6.0 / template_mm,
@@ -128,12 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "synthetic lesions, through the ATLAS bundle configs.",
     )
     parser.add_argument("--output_dir", default="demo_output", help="where everything is written")
-    parser.add_argument("--train_minutes", type=float, default=4.0, help="wall-clock training budget")
+    parser.add_argument("--train_minutes", type=float, default=5.5, help="wall-clock training budget")
     parser.add_argument("--image_size", type=int, default=32, help="model resolution (32 keeps the demo CPU-cheap)")
     parser.add_argument("--template_mm", type=int, default=3, help="voxel size of the MNI template subjects")
     parser.add_argument("--network_size", default="small")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--stride", type=int, default=30, help="step-grid stride of AnoFPDM (0..599)")
+    parser.add_argument("--t_max", type=int, default=300, help="last step of AnoFPDM's grid (official: 599)")
+    parser.add_argument("--stride", type=int, default=20, help="step-grid stride of AnoFPDM")
     parser.add_argument("--subjects", type=int, nargs=3, default=(10, 2, 2), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train again even if a model exists")
@@ -187,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **common,
         checkpoint=checkpoint,
         output_dir=str(out),
+        t_max=args.t_max,
         stride=args.stride,
         guidance_scales=[1.0, 3.0, 5.0, 10.0, 20.0, 30.0],
         min_component_size=min_component,

@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--network-size", default="small", help="small on CPU, medium/paper on GPU")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--stride", type=int, default=10, help="AnoFPDM step-grid stride over 0..599")
+    parser.add_argument("--t-max", type=int, default=599, help="last step of AnoFPDM's grid (official 599)")
+    parser.add_argument("--stride", type=int, default=10, help="AnoFPDM step-grid stride")
+    parser.add_argument("--tag", default="", help="suffix of the calibration/evaluation folders (for ablations)")
     parser.add_argument("--num-steps", type=int, default=25, help="sampling steps of the reconstruction baselines")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the stochastic methods")
     parser.add_argument("--map-modalities", nargs="+", default=["flair"])
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             num_epochs=100000,
             time_limit=int(args.train_minutes * 60),
             ema_decay=0.999,
+            ema_warmup_iters=500,
             num_workers=0,
             val_interval=10,
             checkpoint_interval=10,
@@ -143,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             **common,
             checkpoint=str(checkpoint),
             output_dir=str(out),
+            calibration_file=str(out / f"calibration{args.tag}.json"),
             map_modalities=args.map_modalities,
+            t_max=args.t_max,
             stride=args.stride,
             guidance_scales=[0.5, 1.0, 2.0, 3.0, 5.0],
             min_component_size=min_component,
@@ -158,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate.json",
             **common,
             checkpoint=str(checkpoint),
-            calibration=str(out / "calibration.json"),
+            calibration=str(out / f"calibration{args.tag}.json"),
             output_dir=str(out),
-            evaluation_dir=str(out / "evaluation"),
+            evaluation_dir=str(out / f"evaluation{args.tag}"),
             map_modalities=args.map_modalities,
             intensity_modality="flair",
             seeds=args.seeds,
@@ -179,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         report["parameters"] = int(sum(v.numel() for v in ck["model"].values()))
         report["iterations"] = ck.get("iteration")
         report["epochs"] = ck.get("epoch")
-    summary = out / "evaluation" / "summary.md"
+    summary = out / f"evaluation{args.tag}" / "summary.md"
     if summary.is_file():
         report["summary_md"] = summary.read_text()
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / f"report{args.tag}.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "summary_md"}, indent=2, default=str))
     if "summary_md" in report:
         print(report["summary_md"])
