@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             learning_rate=2e-4,
             ema_decay=0.995,
             ema_warmup_iters=200,
+            train_max_timestep=args.t_max + 20,
             num_workers=0,
             val_interval=5,
             checkpoint_interval=5,
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_dir=str(out),
         t_max=args.t_max,
         stride=args.stride,
-        guidance_scales=[1.0, 3.0, 5.0, 10.0, 20.0, 30.0],
+        guidance_scales=[1.0, 2.0, 3.0, 5.0, 10.0],
         min_component_size=min_component,
         batch_size=128,
     )

@@ -39,6 +39,9 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
         p_uncond: probability of replacing a label by the null label.
         null_label: index of the null label.
         seed: restart seed for deterministic (validation) batches.
+        max_timestep: draw t from [0, max_timestep) instead of [0, T) (None: T, as the papers). A model that will
+            only be queried at small t (e.g. AnoFPDM with t_max 300) then trains on the steps it is used at; the
+            schedule itself is unchanged.
     """
 
     def __init__(
@@ -48,10 +51,14 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
         p_uncond: float = 0.1,
         null_label: int = NULL,
         seed: int | None = None,
+        max_timestep: int | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=None)
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        if max_timestep is not None and not 0 < int(max_timestep) <= num_train_timesteps:
+            raise ValueError(f"max_timestep must be in (0, {num_train_timesteps}], got {max_timestep}")
+        self.max_timestep = num_train_timesteps if max_timestep is None else int(max_timestep)
         self.label_key = label_key
         self.p_uncond = float(p_uncond)
         self.null_label = int(null_label)
@@ -68,7 +75,7 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
         return torch.randn(images.shape, generator=self.generator, dtype=images.dtype).to(images.device)
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.randint(0, self.num_train_timesteps, (images.shape[0],), generator=self.generator).to(
+        return torch.randint(0, self.max_timestep, (images.shape[0],), generator=self.generator).to(
             images.device
         )
 
