@@ -119,6 +119,18 @@ def test_timesteps_uniform_and_noise_standard_normal():
     assert abs(float(values.std()) - 1.0) < 0.02
 
 
+def test_max_timestep_restricts_the_training_steps():
+    n = 20000
+    t = ClassifierFreePrepareBatch(num_train_timesteps=T, seed=4, max_timestep=320)(_batch(n))[3]["timesteps"]
+    assert int(t.min()) == 0 and int(t.max()) == 319
+    counts = torch.bincount(t // 32, minlength=10)  # 10 equal bins of [0, 320)
+    sigma = math.sqrt(n * 0.1 * 0.9)
+    assert (counts - n / 10).abs().max() <= 4 * sigma, counts
+    for bad in (0, T + 1):
+        with pytest.raises(ValueError, match="max_timestep must be in"):
+            ClassifierFreePrepareBatch(num_train_timesteps=T, max_timestep=bad)
+
+
 def test_missing_label_key_and_bad_p():
     with pytest.raises(KeyError, match="class_label"):
         ClassifierFreePrepareBatch(seed=0)({"image": torch.zeros(2, 1, 2, 2)})
