@@ -191,7 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         output_dir=str(out),
         t_max=args.t_max,
         stride=args.stride,
-        guidance_scales=[1.0, 2.0, 3.0, 5.0, 10.0],
         min_component_size=min_component,
         batch_size=128,
     )

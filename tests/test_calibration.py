@@ -33,15 +33,6 @@ GRID = [0, 100, 200, 300]
 BRATS = ["flair", "t1", "t1ce", "t2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a 2-core machine shared with other processes, 2 spinning threads are far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # select_tau: tau_q = numpy-linear quantile of the healthy c; first tau_q minimising FN + FP
 # --------------------------------------------------------------------------------------------------------------------

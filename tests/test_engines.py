@@ -33,15 +33,6 @@ T = 1000
 NULL_FRACTION_CASES = [(0.1, 20000), (0.25, 20000), (0.5, 4000)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a 2-core machine shared with other processes, 2 spinning threads are far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _batch(n: int, channels: int = 1, size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {

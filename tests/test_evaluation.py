@@ -27,15 +27,6 @@ GRID = [0, 100, 200, 300]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a 2-core machine shared with other processes, 2 spinning threads are far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # threshold tuning (pixel labels)
 # --------------------------------------------------------------------------------------------------------------------

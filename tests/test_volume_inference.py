@@ -43,15 +43,6 @@ SCHEDULE = NoiseSchedule()
 LESION_SEED = 3  # a lesion away from the mid-planes: a flipped mask hardly overlaps it (checked below)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a 2-core machine shared with other processes, 2 spinning threads are far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------------

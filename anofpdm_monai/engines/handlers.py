@@ -27,6 +27,7 @@ from ..inferers.reconstruction import ddim_decode, ddim_encode, reconstruction_g
 from ..inferers.schedule import NoiseSchedule
 from ..networks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
 from ..networks.unet import HEALTHY, NULL
+from ..utils import atomic_path
 
 __all__ = ["RNGState", "TrainingCheckpointer", "TimeBudget", "ReconstructionSaver", "ProgressBar", "is_main_process"]
 
@@ -56,16 +57,8 @@ def _atomic_link(source: Path, target: Path) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class RNGState:

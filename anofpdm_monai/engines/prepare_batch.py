@@ -75,9 +75,7 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
         return torch.randn(images.shape, generator=self.generator, dtype=images.dtype).to(images.device)
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.randint(0, self.max_timestep, (images.shape[0],), generator=self.generator).to(
-            images.device
-        )
+        return torch.randint(0, self.max_timestep, (images.shape[0],), generator=self.generator).to(images.device)
 
     def get_class_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Replace each label by ``null_label`` with probability ``p_uncond``."""

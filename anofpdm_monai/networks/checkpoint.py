@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..utils import atomic_path
 from .unet import AnoFPDMUNet
 
 __all__ = [
@@ -128,15 +128,8 @@ def save_checkpoint(
         content["ema"] = unwrap(ema).state_dict()
     if extra:
         content.update(extra)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(content, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
