@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=32, help="model resolution (32 keeps the demo CPU-cheap)")
     parser.add_argument("--template_mm", type=int, default=3, help="voxel size of the MNI template subjects")
     parser.add_argument("--network_size", default="small")
+    parser.add_argument("--conditioning", default="class_embed", choices=["class_embed", "cross_attention"])
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--t_max", type=int, default=300, help="last step of AnoFPDM's grid (official: 599)")
     parser.add_argument("--stride", type=int, default=20, help="step-grid stride of AnoFPDM")
@@ -165,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_dir=str(model_dir),
             image_size=args.image_size,
             network_size=args.network_size,
+            conditioning=args.conditioning,
             dropout=0.0,
             batch_size=args.batch_size,
             num_epochs=10000,
