@@ -364,6 +364,24 @@ def test_metadata_content(bundle, modalities):
     assert (layout / "models").is_dir()
 
 
+@pytest.mark.parametrize("bundle,modalities", SYNTHETIC_CASES)
+def test_metadata_survives_monai_meta_parsing(bundle, modalities):
+    """MONAI's meta reader renames the deprecated ``optional_packages_version`` onto ``required_packages_version``,
+    replacing the latter: the package list MONAI sees must be the one the file states."""
+    import warnings
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a deprecated-name warning fails the test
+        parser.read_meta(_config(bundle, "metadata.json"))
+    assert (
+        parser.get_parsed_content("_meta_::required_packages_version") == _metadata(bundle)["required_packages_version"]
+    )
+    assert "pytorch-ignite" in parser.get_parsed_content("_meta_::required_packages_version")
+
+
 def test_schema_is_valid_draft7():
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.Draft7Validator.check_schema(json.loads(SCHEMA.read_text()))
