@@ -39,7 +39,7 @@ from .inferers.volume import inferer_from_calibration
 from .metrics import PooledAUPRC, aggregate_over_seeds, dice_per_slice, iou_per_slice, segmentation_metrics
 from .utils import atomic_path
 
-__all__ = ["METHODS", "tune_threshold", "threshold_candidates", "Evaluator", "run_evaluation"]
+__all__ = ["METHODS", "TUNING_OBJECTIVES", "tune_threshold", "threshold_candidates", "Evaluator", "run_evaluation"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,23 +75,51 @@ def threshold_candidates(
     return np.unique(np.quantile(values, np.linspace(levels[0], levels[1], num)))
 
 
+TUNING_OBJECTIVES = ("pooled", "unhealthy", "mixed")
+
+
 def tune_threshold(
-    filtered_maps: np.ndarray, ground_truth: np.ndarray, candidates: Sequence[float], min_component_size: int = 40
+    filtered_maps: np.ndarray,
+    ground_truth: np.ndarray,
+    candidates: Sequence[float],
+    min_component_size: int = 40,
+    objective: str = "pooled",
 ) -> tuple[float, float]:
-    """The threshold maximising the mean per-slice Dice over the given (validation) slices, WITH pixel labels.
+    """The threshold maximising a Dice objective over the given (validation) slices, WITH pixel labels.
+
+    Objectives:
+
+    - ``"pooled"`` (default): one Dice over all pixels of all slices, ``2 sum|P & G| / (sum|P| + sum|G|)``. False
+      positives on healthy slices count, and predicting nothing scores 0.
+    - ``"unhealthy"``: mean per-slice Dice over the slices that hold a lesion (the papers' "unhealthy" setting);
+      false positives on healthy slices do not count.
+    - ``"mixed"``: mean per-slice Dice over all slices (smoothed, so an empty mask on a healthy slice scores 1).
+      With a weak map the empty mask everywhere can win this one (it scores the healthy fraction), which is why it
+      is not the default.
 
     The same post-processing as at test time is applied (connected components of <= ``min_component_size`` pixels
     removed after thresholding). Ties go to the lowest candidate.
 
     Returns:
-        ``(threshold, mean Dice)``.
+        ``(threshold, objective value)``.
     """
+    if objective not in TUNING_OBJECTIVES:
+        raise ValueError(f"unknown tuning objective {objective!r}; choose from {list(TUNING_OBJECTIVES)}")
     maps = torch.as_tensor(np.asarray(filtered_maps, dtype=np.float32))
     gt = np.asarray(ground_truth, dtype=bool)
+    lesion = gt.reshape(gt.shape[0], -1).any(axis=1)
+    if objective == "unhealthy" and not lesion.any():
+        raise ValueError("the 'unhealthy' tuning objective needs validation slices with lesions; there are none")
     best_thr, best_dice = float("nan"), -1.0
     for thr in sorted(float(c) for c in candidates):
         mask = remove_small_components(maps >= thr, min_component_size).numpy()
-        dice = float(dice_per_slice(mask, gt).mean())
+        if objective == "pooled":
+            inter = float(np.logical_and(mask, gt).sum())
+            total = float(mask.sum()) + float(gt.sum())
+            dice = 2.0 * inter / total if total > 0 else 1.0
+        else:
+            per_slice = dice_per_slice(mask, gt)
+            dice = float((per_slice[lesion] if objective == "unhealthy" else per_slice).mean())
         if dice > best_dice:
             best_thr, best_dice = thr, dice
     return best_thr, best_dice
@@ -151,6 +179,8 @@ class Evaluator:
             5 and 40).
         batch_size, device, amp, progress: execution.
         figure_slices: number of example slices in the overlay figure.
+        tuning_objective: what the pixel-label tuning maximises on the validation split, ``"pooled"`` (default),
+            ``"unhealthy"`` or ``"mixed"`` (see :func:`tune_threshold`).
     """
 
     def __init__(
@@ -178,6 +208,7 @@ class Evaluator:
         amp: bool = False,
         progress: bool = True,
         figure_slices: int = 6,
+        tuning_objective: str = "pooled",
     ) -> None:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
@@ -197,6 +228,9 @@ class Evaluator:
         self.polarity = intensity_polarity
         if self.intensity_modality not in self.modalities:
             raise ValueError(f"intensity modality {self.intensity_modality!r} not among {self.modalities}")
+        if tuning_objective not in TUNING_OBJECTIVES:
+            raise ValueError(f"unknown tuning_objective {tuning_objective!r}; choose from {list(TUNING_OBJECTIVES)}")
+        self.tuning_objective = tuning_objective
         self.val, self.test = val_dataset, test_dataset
         self.output_dir = Path(output_dir)
         self.calibration = calibration
@@ -322,6 +356,7 @@ class Evaluator:
             "intensity": [self.intensity_modality, self.polarity],
             "guidance_scale": self._baseline_guidance(),
             "seed": self.seeds[0],
+            "objective": self.tuning_objective,
             "validation": [sorted(set(self.val.table["case_id"].astype(str))), len(self.val)],
         }
         if state.get("_key") != key:
@@ -376,7 +411,7 @@ class Evaluator:
 
     def _tune(self, maps: np.ndarray, gt: Mapping[str, np.ndarray]) -> tuple[float, float]:
         candidates = threshold_candidates(maps, gt["brain"])
-        return tune_threshold(maps, gt["label"], candidates, self.min_component_size)
+        return tune_threshold(maps, gt["label"], candidates, self.min_component_size, self.tuning_objective)
 
     def _intensity(self, threshold: float | None) -> IntensityInferer:
         channel = self.modalities.index(self.intensity_modality)
@@ -625,6 +660,7 @@ class Evaluator:
             "num_test_slices": int(len(y)),
             "num_unhealthy": int(y.sum()),
             "test_cases": sorted(set(cases.tolist())),
+            "tuning_objective": self.tuning_objective,
             "methods": summary,
         }
         with atomic_path(self.output_dir / "summary.json") as tmp:
@@ -710,8 +746,9 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         f"{len(summary['test_cases'])} case(s). Values x 100; mean ± std over seeds for stochastic methods. "
         "'Mixed' uses every slice with health-gated masks; 'Unhealthy' only lesion slices with ungated masks; "
         "Mixed/Unhealthy AUPRC follow the official batched protocol (batches of 100 slices), Pooled AUPRC is over "
-        "all brain pixels. Methods tuned with pixel labels used the validation split's segmentations; AnoFPDM "
-        "rows marked 'image labels only' never saw a pixel label.\n"
+        "all brain pixels. Methods tuned with pixel labels used the validation split's segmentations (objective: "
+        f"{summary.get('tuning_objective', 'pooled')} Dice); AnoFPDM rows marked 'image labels only' never saw a "
+        "pixel label.\n"
     )
     return head + "\n".join(lines) + "\n" + note
 

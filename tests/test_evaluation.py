@@ -56,17 +56,54 @@ def _tuning_maps() -> tuple[np.ndarray, np.ndarray]:
 )
 def test_tune_threshold_known_best(min_size, threshold, dice):
     maps, gt = _tuning_maps()
-    thr, best = tune_threshold(maps, gt, [1.5, 0.75, 0.25], min_component_size=min_size)
+    thr, best = tune_threshold(maps, gt, [1.5, 0.75, 0.25], min_component_size=min_size, objective="mixed")
     assert thr == threshold
     assert best == pytest.approx(dice, abs=1e-6)
 
 
 def test_tune_threshold_scores_every_candidate_like_the_protocol():
     maps, gt = _tuning_maps()
-    _, at_quarter = tune_threshold(maps, gt, [0.25], min_component_size=0)
+    _, at_quarter = tune_threshold(maps, gt, [0.25], min_component_size=0, objective="mixed")
     assert at_quarter == pytest.approx((32 / 36 + 0.0) / 2, abs=1e-6)
-    _, too_high = tune_threshold(maps, gt, [1.5], min_component_size=0)
+    _, too_high = tune_threshold(maps, gt, [1.5], min_component_size=0, objective="mixed")
     assert too_high == pytest.approx(0.5, abs=1e-6)
+
+
+def test_tune_threshold_pooled_and_unhealthy_values():
+    """Pooled: one Dice over all pixels; unhealthy: mean per-slice Dice over lesion slices only."""
+    maps, gt = _tuning_maps()
+    # .25 keeps the 16-px lesion and two 4-px false blobs: pooled 2*16 / (24 + 16); on the lesion slice 32 / 36
+    _, pooled = tune_threshold(maps, gt, [0.25], min_component_size=0, objective="pooled")
+    assert pooled == pytest.approx(32 / 40)
+    _, unhealthy = tune_threshold(maps, gt, [0.25], min_component_size=0, objective="unhealthy")
+    assert unhealthy == pytest.approx(32 / 36, abs=1e-6)
+    # 1.5 predicts nothing: pooled Dice 0 (not the healthy fraction)
+    _, empty = tune_threshold(maps, gt, [1.5], min_component_size=0, objective="pooled")
+    assert empty == 0.0
+    assert tune_threshold(maps, gt, [1.5, 0.75, 0.25], min_component_size=0)[0] == 0.75  # default: pooled
+
+
+def test_tune_threshold_mixed_prefers_empty_masks_on_a_weak_map_pooled_does_not():
+    """Three healthy slices with a false blob scored like the lesion's weak part: 'mixed' (the official objective)
+    picks the threshold that predicts nothing, 'pooled' picks the one that finds most of the lesion."""
+    maps = np.zeros((4, 12, 12), np.float32)
+    gt = np.zeros((4, 12, 12), bool)
+    gt[0, 2:6, 2:6] = True
+    maps[0, 2:6, 2:6] = 0.6
+    maps[0, 2:4, 2:6] = 1.0  # half the lesion scores high
+    for i in (1, 2, 3):
+        maps[i, 8:10, 8:10] = 1.0  # a false blob as strong as the lesion's best half
+    candidates = [0.5, 2.0]
+    thr_mixed, mixed = tune_threshold(maps, gt, candidates, min_component_size=0, objective="mixed")
+    # at 0.5: lesion slice Dice 1, three healthy slices ~0 -> 1/4; at 2.0: empty -> (0 + 3) / 4
+    assert thr_mixed == 2.0 and mixed == pytest.approx(0.75, abs=1e-6)
+    thr_pooled, pooled = tune_threshold(maps, gt, candidates, min_component_size=0, objective="pooled")
+    # at 0.5: 2*16 / (16 + 12 + 16)
+    assert thr_pooled == 0.5 and pooled == pytest.approx(32 / 44)
+    with pytest.raises(ValueError, match="unknown tuning objective"):
+        tune_threshold(maps, gt, candidates, objective="best")
+    with pytest.raises(ValueError, match="needs validation slices with lesions"):
+        tune_threshold(maps[1:], gt[1:], candidates, objective="unhealthy")
 
 
 def test_threshold_candidates_quantiles_of_brain_pixels():
