@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the calibration/evaluation folders (for ablations)")
     parser.add_argument("--num-steps", type=int, default=25, help="sampling steps of the reconstruction baselines")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the stochastic methods")
+    parser.add_argument(
+        "--noise-levels",
+        type=int,
+        nargs="+",
+        default=[200, 400, 600],
+        help="candidate t of the reconstruction baselines",
+    )
     parser.add_argument("--map-modalities", nargs="+", default=["flair"])
     parser.add_argument("--val-case", default="brats_2013_pat0004_1")
     parser.add_argument("--test-case", default="BraTS2021_00006")
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             map_modalities=args.map_modalities,
             intensity_modality="flair",
             seeds=args.seeds,
-            noise_levels=[200, 400, 600],
+            noise_levels=args.noise_levels,
             num_steps=args.num_steps,
             batch_size=64,
         )
