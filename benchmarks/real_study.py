@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         help="candidate t of the reconstruction baselines",
     )
     parser.add_argument("--map-modalities", nargs="+", default=["flair"])
+    parser.add_argument("--methods", nargs="+", default=None, help="evaluated methods (default: the bundle's, all)")
     parser.add_argument("--val-case", default="brats_2013_pat0004_1")
     parser.add_argument("--test-case", default="BraTS2021_00006")
     parser.add_argument("--device", default=None, help="cpu or cuda:0 (default: cuda when available)")
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             intensity_modality="flair",
             seeds=args.seeds,
             noise_levels=args.noise_levels,
+            **({"methods": args.methods} if args.methods else {}),
             num_steps=args.num_steps,
             batch_size=64,
         )
