@@ -145,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.output_dir).resolve()
     data_dir, model_dir, cache_dir = out / "data", out / "model", out / "cache"
     inference_dir, evaluation_dir = out / "inference", out / "evaluation"
-    min_component = max(1, round(40 * (args.image_size / 128) ** 2))
+    from .inferers.postprocess import scaled_min_component_size
+
+    min_component = scaled_min_component_size(args.image_size)
     common = {"dataset_dir": str(data_dir), "cache_dir": str(cache_dir)}
 
     t = _step("1/6 synthetic dataset (MNI152 template subjects, SYNTHETIC lesions)")

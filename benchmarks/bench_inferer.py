@@ -54,7 +54,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from anofpdm_monai.inferers import AnoFPDMInferer, ForwardProcessResult, NoiseSchedule  # noqa: E402
+from anofpdm_monai.inferers import (  # noqa: E402
+    AnoFPDMInferer,
+    ForwardProcessResult,
+    NoiseSchedule,
+    scaled_min_component_size,
+)
+from anofpdm_monai.metrics import dice_per_slice  # noqa: E402
 from anofpdm_monai.networks import HEALTHY, NULL, build_diffusion_unet, load_network  # noqa: E402
 
 MB = 2.0**20
@@ -413,12 +419,6 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
 
 
-def _dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.flatten(1).float(), b.flatten(1).float()
-    inter, total = (a * b).sum(1), a.sum(1) + b.sum(1)
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
-
-
 def accuracy(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
     """Per-slice agreement of ``other`` with ``ref`` (both summaries on the same inputs), averaged over the batch."""
     h_ref, h = ref["summary"]["anomaly_map"].double(), other["summary"]["anomaly_map"].double()
@@ -437,7 +437,7 @@ def accuracy(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
         "dcos_mean": float(dcos.mean()),
     }
     if "mask" in ref and "mask" in other and bool(ref["mask"].any()):
-        out["dice"] = float(_dice(other["mask"], ref["mask"]).mean())
+        out["dice"] = float(dice_per_slice(other["mask"], ref["mask"]).mean())
     return out
 
 
@@ -458,11 +458,6 @@ def agreement(official: dict[str, Any], ours: dict[str, Any]) -> dict[str, float
     return out
 
 
-def min_component_size(image_size: int) -> int:
-    """The papers' 40-pixel component rule at 128x128, scaled by area to the model resolution."""
-    return max(1, round(40 * (image_size / 128) ** 2))
-
-
 def add_masks(results: dict[str, dict[str, Any]], ref_name: str, image_size: int) -> torch.Tensor:
     """Algorithm-1 masks for every ``ours`` configuration with one stand-in calibration: M_max per modality = the
     batch maximum of M_t at stride 1 (no calibration set here); the same M_max for every stride."""
@@ -477,7 +472,7 @@ def add_masks(results: dict[str, dict[str, Any]], ref_name: str, image_size: int
             m_max=m_max.tolist(),
             t_max=1,
             stride=1,
-            min_component_size=min_component_size(image_size),
+            min_component_size=scaled_min_component_size(image_size),
         )
         r["mask"] = inferer.postprocess(r["result"]).mask_ungated
     return m_max
@@ -702,8 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         "  streamed state). RSS: high-water mark of the configuration's own subprocess (growth during the run).",
         "Accuracy, against ours at stride 1 on the full grid, averaged over slices: map rMAD = mean |H - H_1| / mean",
         "  H_1; r = Pearson of the maps; |dte| = mean/max |t_e - t_e,1| in steps; |dcos| = mean |c - c_1|; Dice of",
-        f"  the Algorithm-1 masks (5x5 median, components <= {min_component_size(H)} px removed: 40 px at 128x128"
-        " scaled by area)",
+        f"  the Algorithm-1 masks (5x5 median, components <= {scaled_min_component_size(H)} px removed: 40 px at"
+        " 128x128 scaled by area)",
         f"  with a stand-in M_max = the stride-1 batch maximum per modality {[round(v, 5) for v in m_max.tolist()]};",
         f"  stride-1 masks: {mask_px.mean():.0f} px per slice on average (of {H * W}), min {mask_px.min():.0f}.",
     ]

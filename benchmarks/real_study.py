@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         common["device"] = f"$torch.device('{args.device}')"
     checkpoint = out / "model" / "model.pt"
-    min_component = max(1, round(40 * (args.image_size / 128) ** 2))
+    from anofpdm_monai.inferers.postprocess import scaled_min_component_size
+
+    min_component = scaled_min_component_size(args.image_size)
     timings: dict[str, float] = {}
     print(f"training cases: {[e['id'] for e in datalist['training']]}")
     print(f"validation (calibration, slice labels only): {args.val_case}; test: {args.test_case}")

@@ -2,7 +2,14 @@
 
 from .anofpdm import AnoFPDMInferer, AnoFPDMOutput, ForwardProcessResult, run_forward_process
 from .baselines import BASELINE_METHODS, BaselineOutput, IntensityInferer, ReconstructionInferer
-from .postprocess import batch_quantile, binarize_map, median_filter_2d, quantile_level, remove_small_components
+from .postprocess import (
+    batch_quantile,
+    binarize_map,
+    median_filter_2d,
+    quantile_level,
+    remove_small_components,
+    scaled_min_component_size,
+)
 from .reconstruction import ddim_decode, ddim_encode, ddpm_decode, guided_eps, reconstruction_grid
 from .schedule import NoiseSchedule, make_step_grid
 from .volume import CaseResult, InferenceFailures, VolumeInferer, inferer_from_calibration, write_nifti_like
@@ -21,6 +28,7 @@ __all__ = [
     "median_filter_2d",
     "quantile_level",
     "remove_small_components",
+    "scaled_min_component_size",
     "ddim_decode",
     "ddim_encode",
     "ddpm_decode",

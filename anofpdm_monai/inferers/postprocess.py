@@ -13,6 +13,7 @@ __all__ = [
     "batch_quantile",
     "median_filter_2d",
     "remove_small_components",
+    "scaled_min_component_size",
     "binarize_map",
 ]
 
@@ -77,6 +78,11 @@ def median_filter_2d(maps: torch.Tensor, kernel_size: int = 5) -> torch.Tensor:
     if kernel_size <= 1:
         return maps
     return median_filter(maps[:, None].float(), kernel_size=(kernel_size, kernel_size), spatial_dims=2)[:, 0]
+
+
+def scaled_min_component_size(image_size: int, size_at_128: int = 40) -> int:
+    """The papers' component rule (<= 40 px removed at 128 x 128) scaled by area to another model resolution."""
+    return max(1, round(size_at_128 * (image_size / 128) ** 2))
 
 
 def remove_small_components(mask: torch.Tensor, max_size: int = 40) -> torch.Tensor:
