@@ -31,14 +31,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import NdarrayOrTensor
+from monai.metrics import CumulativeIterationMetric
 from monai.utils import convert_to_numpy
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 __all__ = [
     "DEFAULT_SMOOTH",
     "dice_per_slice",
+    "pooled_dice",
     "iou_per_slice",
     "precision_recall_per_slice",
+    "SliceDiceMetric",
+    "SliceIoUMetric",
     "batched_auprc",
     "PooledAUPRC",
     "pooled_auprc",
@@ -150,6 +154,14 @@ def dice_per_slice(pred: NdarrayOrTensor, gt: NdarrayOrTensor, smooth: float = D
     return (2.0 * inter + smooth) / (n_pred + n_gt + smooth)
 
 
+def pooled_dice(pred: NdarrayOrTensor, gt: NdarrayOrTensor) -> float:
+    """One Dice over all pixels of all given slices, ``2 sum|P & G| / (sum|P| + sum|G|)``, without smoothing: 1 when
+    both are empty, and exactly 0 for an empty prediction of a non-empty truth (the pixel-label tuning objective)."""
+    inter, n_pred, n_gt = _overlap_counts(pred, gt)
+    total = float(n_pred.sum()) + float(n_gt.sum())
+    return 2.0 * float(inter.sum()) / total if total > 0 else 1.0
+
+
 def iou_per_slice(pred: NdarrayOrTensor, gt: NdarrayOrTensor, smooth: float = DEFAULT_SMOOTH) -> np.ndarray:
     """Per-slice intersection over union ``(|P & G| + s) / (|P | G| + s)``.
 
@@ -196,6 +208,47 @@ def precision_recall_per_slice(pred: NdarrayOrTensor, gt: NdarrayOrTensor) -> tu
 # --------------------------------------------------------------------------------------------------
 # pixel-level AUPRC
 # --------------------------------------------------------------------------------------------------
+class _SliceOverlapMetric(CumulativeIterationMetric):
+    """MONAI ``CumulativeIterationMetric`` of a per-slice overlap score, so the protocol's metrics drop into MONAI
+    evaluators (``IgniteMetricHandler``, ``MetricsSaver``): each call takes a batch of binary masks ``y_pred`` and
+    ``y`` of shape ``(B, ...)`` (one slice per item), buffers the per-slice scores, and :meth:`aggregate` returns
+    their mean (``reduction="mean"``) or all of them (``"none"``)."""
+
+    score = staticmethod(dice_per_slice)
+
+    def __init__(self, reduction: str = "mean", smooth: float = DEFAULT_SMOOTH) -> None:
+        super().__init__()
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        self.reduction = reduction
+        self.smooth = smooth
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if y is None:
+            raise ValueError("the ground truth y is required")
+        values = self.score(y_pred, y, smooth=self.smooth)
+        return torch.as_tensor(values, dtype=torch.float64)[:, None]
+
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the metric buffer holds no tensor: call the metric on data first")
+        values = data.reshape(-1)
+        return values.mean() if self.reduction == "mean" else values
+
+
+class SliceDiceMetric(_SliceOverlapMetric):
+    """The protocol's per-slice Dice (:func:`dice_per_slice`) as a MONAI cumulative metric."""
+
+    score = staticmethod(dice_per_slice)
+
+
+class SliceIoUMetric(_SliceOverlapMetric):
+    """The protocol's per-slice IoU (:func:`iou_per_slice`) as a MONAI cumulative metric."""
+
+    score = staticmethod(iou_per_slice)
+
+
 def _brain_or_all(brain: NdarrayOrTensor | None, like: np.ndarray) -> np.ndarray:
     """Brain mask as bool ``(N, P)``; all pixels when ``brain`` is None."""
     if brain is None:

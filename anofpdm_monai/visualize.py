@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+
+from .io import atomic_path
 
 __all__ = [
     "display_slice",
@@ -58,11 +59,6 @@ PRED_COLOR = "#ff3b30"
 MASK_ALPHA = 0.35
 #: Percentile used for the robust upper limit of anomaly maps.
 MAP_PERCENTILE = 99.5
-
-# mkstemp creates 0600 files; give the output the permissions a plain open() would (read once: os.umask
-# can only be read by setting it, which is not thread-safe later on).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 _FONT_SMALL = 7
 _FONT = 8
@@ -190,19 +186,11 @@ def _save_figure(fig: Figure, path: PathLike, dpi: float, compress_level: int = 
         ``Path(path)``.
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_path(out, suffix=".png") as tmp, open(tmp, "wb") as fh:
             fig.savefig(
                 fh, format="png", dpi=dpi, facecolor=fig.get_facecolor(), pil_kwargs={"compress_level": compress_level}
             )
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         fig.clear()
     return out

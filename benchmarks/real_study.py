@@ -27,7 +27,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONFIGS = REPO / "bundles" / "anofpdm_brats21" / "configs"
 MODALITIES = ["flair", "t1ce"]
 
 
@@ -57,15 +56,10 @@ def build_datalist(data: Path, val_case: str, test_case: str) -> dict[str, Any]:
     }
 
 
-def run_bundle(config: str, **overrides: Any) -> None:
-    from monai.bundle import run
+def run_bundle(workflow: str, **overrides: Any) -> None:
+    from anofpdm_monai.bundle import run_workflow
 
-    run(
-        config_file=str(CONFIGS / config),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        **overrides,
-    )
+    run_workflow("anofpdm_brats21", workflow, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         common["device"] = f"$torch.device('{args.device}')"
     checkpoint = out / "model" / "model.pt"
-    from anofpdm_monai.inferers.postprocess import scaled_min_component_size
+    from anofpdm_monai.postprocessing import scaled_min_component_size
 
     min_component = scaled_min_component_size(args.image_size)
     timings: dict[str, float] = {}
@@ -129,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in args.stages:
         t = time.time()
         run_bundle(
-            "train.json",
+            "train",
             **common,
             output_dir=str(out / "model"),
             modalities=MODALITIES,
@@ -152,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if "calibrate" in args.stages:
         t = time.time()
         run_bundle(
-            "calibrate.json",
+            "calibrate",
             **common,
             checkpoint=str(checkpoint),
             output_dir=str(out),
@@ -170,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if "evaluate" in args.stages:
         t = time.time()
         run_bundle(
-            "evaluate.json",
+            "evaluate",
             **common,
             checkpoint=str(checkpoint),
             calibration=str(out / f"calibration{args.tag}.json"),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from anofpdm_monai.bundle import config_files
 from anofpdm_monai.data import SliceDataset, VolumePreprocessor
 from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy
 from anofpdm_monai.networks import load_network
@@ -52,7 +53,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _config(bundle: str, name: str = "train.json") -> str:
+def _config(bundle: str, *workflows: str) -> str:
+    """The ``--config_file`` value of a workflow: the dataset's file merged with the shared workflow config(s)."""
+    return str(config_files(bundle, *(workflows or ("train",))))
+
+
+def _file(bundle: str, name: str) -> str:
     return str(BUNDLES / bundle / "configs" / name)
 
 
@@ -255,7 +261,7 @@ def test_two_process_torchrun_on_cpu(synthetic, tmp_path):
     """Data-parallel training with 2 CPU processes (gloo); a time budget stops both ranks after the same iteration."""
     info = synthetic["anofpdm_brats21"]
     out = tmp_path / "out"
-    files = f"['{_config('anofpdm_brats21')}','{_config('anofpdm_brats21', 'multi_gpu_train.json')}']"
+    files = _config("anofpdm_brats21", "train", "multi_gpu_train")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     overrides = {**SMALL, **_data_overrides(info), "output_dir": out, "num_epochs": 1000, "time_limit": 4}
     log = _run(_bundle_cmd(files, overrides, launcher=launcher))
@@ -292,7 +298,7 @@ def test_config_defaults_and_overridable_keys(bundle, modalities, tmp_path):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(_config(bundle))
+    parser.read_config(config_files(bundle, "train"))
     assert Path(parser.get_parsed_content("bundle_root")) == BUNDLES / bundle
     assert parser["modalities"] == modalities
     assert parser["network_size"] == "paper" and parser["image_size"] == 128
@@ -321,25 +327,27 @@ def test_config_defaults_and_overridable_keys(bundle, modalities, tmp_path):
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["lr"] == pytest.approx(1e-4)
     assert parser.get_parsed_content("ema").momentum == pytest.approx(1e-4)
     # every component targets this library, MONAI, ignite or torch: nothing from the bundle folder
-    targets = json.dumps(json.loads(Path(_config(bundle)).read_text()))
+    targets = json.dumps([json.loads(Path(f).read_text()) for f in config_files(bundle, "train")])
     assert "scripts" not in targets
 
 
 def test_multi_gpu_config_selects_backend_by_device():
-    config = json.loads(Path(_config("anofpdm_brats21", "multi_gpu_train.json")).read_text())
+    config = json.loads(Path(config_files("anofpdm_brats21", "multi_gpu_train")[-1]).read_text())
     init = " ".join(config["initialize"])
     assert "backend='nccl' if torch.cuda.is_available() else 'gloo'" in init
     assert config["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
-    assert config["train#sampler"]["_target_"] == "DistributedSampler"
-    for bundle in ("anofpdm_brats21", "anofpdm_atlas"):
-        assert json.loads(Path(_config(bundle, "multi_gpu_train.json")).read_text()) == config
+    assert config["train::sampler"]["_target_"] == "DistributedSampler"
+    # one shared file for every dataset
+    assert (
+        config_files("anofpdm_atlas", "multi_gpu_train")[-1] == config_files("anofpdm_brats21", "multi_gpu_train")[-1]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- metadata
 
 
 def _metadata(bundle: str) -> dict:
-    return json.loads(Path(_config(bundle, "metadata.json")).read_text())
+    return json.loads(Path(_file(bundle, "metadata.json")).read_text())
 
 
 @pytest.mark.parametrize("bundle,modalities", SYNTHETIC_CASES)
@@ -358,7 +366,7 @@ def test_metadata_content(bundle, modalities):
     assert meta["monai_version"] == monai.__version__
     assert meta["required_packages_version"]["einops"] == einops.__version__
     layout = BUNDLES / bundle
-    for rel in ("configs/train.json", "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md"):
+    for rel in ("configs/dataset.json", "configs/metadata.json", "configs/logging.conf", "docs/README.md"):
         assert (layout / rel).is_file(), rel
     assert (layout / "LICENSE").is_file() and "Apache" in (layout / "LICENSE").read_text()
     assert (layout / "models").is_dir()
@@ -375,7 +383,7 @@ def test_metadata_survives_monai_meta_parsing(bundle, modalities):
     parser = ConfigParser()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a deprecated-name warning fails the test
-        parser.read_meta(_config(bundle, "metadata.json"))
+        parser.read_meta(_file(bundle, "metadata.json"))
     assert (
         parser.get_parsed_content("_meta_::required_packages_version") == _metadata(bundle)["required_packages_version"]
     )
@@ -393,7 +401,7 @@ def test_verify_metadata_offline(tmp_path):
     pytest.importorskip("jsonschema")
     cmds = [
         [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta, "--filepath", str(SCHEMA)]
-        for meta in (_config("anofpdm_brats21", "metadata.json"), _config("anofpdm_atlas", "metadata.json"))
+        for meta in (_file("anofpdm_brats21", "metadata.json"), _file("anofpdm_atlas", "metadata.json"))
     ]
     for out in _run_parallel(cmds, cwd=tmp_path):
         assert "skipped downloading" in out and "metadata is verified with no error" in out

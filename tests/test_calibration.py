@@ -1,4 +1,4 @@
-"""Calibration from image-level labels only (DESIGN.md section 2, "Calibration"): tau, w*, M_max, the one-pass w
+"""Calibration from image-level labels only (docs/method.md §6): tau, w*, M_max, the one-pass w
 sweep, the calibration file (round trip, consistency checks, bad files) and ``run_calibration`` end to end on
 synthetic NIfTI cases with a tiny checkpoint."""
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from anofpdm_monai.apps.calibrate import run_calibration
 from anofpdm_monai.calibration import (
     CALIBRATION_FORMAT,
     DEFAULT_TAU_LEVELS,
@@ -19,15 +20,15 @@ from anofpdm_monai.calibration import (
     CalibrationStatistics,
     calibrate_from_statistics,
     collect_statistics,
-    run_calibration,
     select_guidance,
     select_tau,
 )
 from anofpdm_monai.data import VolumePreprocessor
 from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy
 from anofpdm_monai.inferers import AnoFPDMInferer
+from anofpdm_monai.io import default_mode
 from anofpdm_monai.networks import build_diffusion_unet, file_digest, save_checkpoint
-from anofpdm_monai.utils import default_mode
+from anofpdm_monai.settings import AnoFPDMSettings
 
 GRID = [0, 100, 200, 300]
 BRATS = ["flair", "t1", "t1ce", "t2"]
@@ -269,7 +270,7 @@ def _calibration(**changes) -> Calibration:
         m_max=[0.012, 0.034],
         m_max_joint=0.02,
         tau=0.9731,
-        timesteps=list(GRID),
+        settings=AnoFPDMSettings(timesteps=GRID, min_component_size=10),
         map_modalities=["flair", "t2"],
         map_channels=[0, 3],
         checkpoint_digest="0123456789abcdef",
@@ -278,7 +279,6 @@ def _calibration(**changes) -> Calibration:
         candidates=[{"guidance_scale": 2.0, "accuracy": 0.9, "tau": 0.9731, "m_max": [0.012, 0.034]}],
         num_healthy=10,
         num_unhealthy=5,
-        min_component_size=10,
     )
     values.update(changes)
     return Calibration(**values)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from anofpdm_monai.apps.datalist import main
 from anofpdm_monai.data.datalist import (
     LAYOUTS,
     SPLITS,
@@ -18,7 +19,6 @@ from anofpdm_monai.data.datalist import (
     datalist_from_folder,
     detect_layout,
     load_datalist,
-    main,
     split_counts,
     validate_datalist,
     write_datalist,
@@ -482,7 +482,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_cli_module_entry_point(tmp_path):
     root = _make_brats2021(tmp_path / "data", [1, 2])
     output = tmp_path / "out.json"
-    command = [sys.executable, "-W", "error::RuntimeWarning", "-m", "anofpdm_monai.data.datalist", "brats2021"]
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-m", "anofpdm_monai.apps.datalist", "brats2021"]
     result = subprocess.run(
         command + ["--root", str(root), "--output", str(output), "--seed", "4"],
         cwd=REPO_ROOT,

@@ -1,4 +1,4 @@
-"""The evaluate workflow and the baselines (DESIGN.md sections 2, 5, 7): threshold tuning with pixel labels on
+"""The evaluate workflow and the baselines (docs/method.md §7-8): threshold tuning with pixel labels on
 constructed maps, the reconstruction baselines with a perfect analytic model, the intensity floor by hand, the
 Markdown table, and :class:`Evaluator` end to end on tiny synthetic data (outputs, figures, the per-case cache that
 a rerun reuses without a network call, per-slice metrics checked against the stored masks)."""
@@ -17,9 +17,11 @@ from anofpdm_monai.calibration import Calibration, CalibrationError
 from anofpdm_monai.data import SliceDataset, VolumePreprocessor
 from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy
 from anofpdm_monai.evaluation import METHODS, Evaluator, summary_markdown, threshold_candidates, tune_threshold
-from anofpdm_monai.inferers import IntensityInferer, NoiseSchedule, ReconstructionInferer
+from anofpdm_monai.inferers import AnoFPDMInferer, IntensityInferer, ReconstructionInferer
 from anofpdm_monai.networks import build_diffusion_unet
 from anofpdm_monai.networks.unet import HEALTHY
+from anofpdm_monai.schedule import NoiseSchedule
+from anofpdm_monai.settings import AnoFPDMSettings
 
 SCHEDULE = NoiseSchedule()
 BRATS = ["flair", "t1", "t1ce", "t2"]
@@ -348,7 +350,7 @@ def _evaluator(datasets, output_dir, network, **kwargs) -> Evaluator:
         noise_levels=[100],
         num_steps=3,
         guidance_scales=[0.5, 2.0],
-        anofpdm_options={"timesteps": GRID},
+        settings=AnoFPDMSettings(timesteps=GRID),
         median_kernel=3,
         min_component_size=0,
         batch_size=64,
@@ -385,7 +387,7 @@ def test_evaluator_outputs(evaluated, datasets):
     assert summary["num_unhealthy"] == int(datasets["test"].slice_labels.sum())
     for method, entry in summary["methods"].items():
         assert entry["seeds"] == ([0, 1] if method == "anofpdm_ddpm" else [0])
-        assert entry["tuning"] == METHODS[method][1]
+        assert entry["tuning"] == METHODS[method].tuning
         assert 0.0 <= entry["metrics"]["mixed_dice"]["mean"] <= 1.0
     assert summary["methods"]["intensity"]["label"] == "FLAIR intensity threshold"
     assert set(summary["methods"]["ddim"]["tuned"]) == {"noise_level", "threshold", "val_dice"}
@@ -458,7 +460,7 @@ def test_rerun_with_other_settings_recomputes(evaluated, datasets, tmp_path):
 
     # another step grid: recalibrated AND the AnoFPDM test results recomputed on the new grid
     grid = [0, 150, 300]
-    _evaluator(datasets, out, _micro_net(), methods=methods, seeds=[0], anofpdm_options={"timesteps": grid}).run()
+    _evaluator(datasets, out, _micro_net(), methods=methods, seeds=[0], settings=AnoFPDMSettings(timesteps=grid)).run()
     assert Calibration.load(out / "calibration_ddim.json").timesteps == grid
     case = datasets["test"].table["case_id"][0]
     np.testing.assert_array_equal(np.load(out / "cases" / "anofpdm" / "seed0" / f"{case}.npz")["timesteps"], grid)
@@ -466,14 +468,14 @@ def test_rerun_with_other_settings_recomputes(evaluated, datasets, tmp_path):
     assert steps["methods"]["anofpdm"]["seeds"] == [0]
 
     # another forward-process option: recalibrated
-    options = {"timesteps": grid, "reference": "healthy"}
-    _evaluator(datasets, out, _micro_net(), methods=methods, seeds=[0], anofpdm_options=options).run()
+    options = AnoFPDMSettings(timesteps=grid, reference="healthy")
+    _evaluator(datasets, out, _micro_net(), methods=methods, seeds=[0], settings=options).run()
     assert Calibration.load(out / "calibration_ddim.json").reference == "healthy"
 
     # other post-processing: the intensity floor is re-tuned and recomputed with it
     tuned = json.loads((out / "tuning.json").read_text())["intensity"]
     net = Counting(_micro_net())
-    _evaluator(datasets, out, net, methods=["intensity"], seeds=[0], median_kernel=1, anofpdm_options=options).run()
+    _evaluator(datasets, out, net, methods=["intensity"], seeds=[0], median_kernel=1, settings=options).run()
     retuned = json.loads((out / "tuning.json").read_text())["intensity"]
     assert retuned != tuned
     stored = np.load(out / "cases" / "intensity" / "seed0" / f"{case}.npz")
@@ -483,29 +485,25 @@ def test_rerun_with_other_settings_recomputes(evaluated, datasets, tmp_path):
 
 def test_given_calibration_post_processing_override(datasets, tmp_path, monkeypatch):
     """median_kernel / min_component_size given to the Evaluator apply to every method, AnoFPDM included."""
-    import anofpdm_monai.evaluation as evaluation
-
     cal = Calibration(
         guidance_scale=2.0,
         m_max=[0.05, 0.05],
         m_max_joint=0.05,
         tau=0.5,
-        timesteps=list(GRID),
+        settings=AnoFPDMSettings(timesteps=GRID, median_kernel=5, min_component_size=40),
         map_modalities=["flair", "t2"],
         map_channels=[0, 3],
-        median_kernel=5,
-        min_component_size=40,
         checkpoint_digest="digest0",
     )
     made = []
-    original = evaluation.inferer_from_calibration
+    original = AnoFPDMInferer.from_calibration.__func__
 
-    def spy(calibration, **overrides):
-        inferer = original(calibration, **overrides)
+    def spy(cls, calibration, **overrides):
+        inferer = original(cls, calibration, **overrides)
         made.append(inferer)
         return inferer
 
-    monkeypatch.setattr(evaluation, "inferer_from_calibration", spy)
+    monkeypatch.setattr(AnoFPDMInferer, "from_calibration", classmethod(spy))
     ev = _evaluator(datasets, tmp_path, _micro_net(), calibration=cal, methods=["anofpdm", "anofpdm_last"], seeds=[0])
     ev.run()
     assert made and all((i.median_kernel, i.min_component_size) == (3, 0) for i in made)
@@ -535,7 +533,7 @@ def test_given_calibration_for_another_checkpoint_or_modalities(datasets, tmp_pa
         m_max=[0.05],
         m_max_joint=0.05,
         tau=0.5,
-        timesteps=list(GRID),
+        settings=AnoFPDMSettings(timesteps=GRID),
         map_modalities=["t1"],
         map_channels=[1],
         checkpoint_digest="digest0",
@@ -547,3 +545,28 @@ def test_given_calibration_for_another_checkpoint_or_modalities(datasets, tmp_pa
     ev = _evaluator(datasets, tmp_path, _micro_net(), calibration=cal, methods=["anofpdm"], seeds=[0])
     with pytest.raises(CalibrationError, match="checkpoint_digest"):
         ev.run()
+
+
+def test_ddpm_calibration_keeps_every_option_of_the_given_calibration(datasets, tmp_path):
+    """The DDPM row is calibrated here with the given (DDIM) calibration's settings, only the forward mode differs:
+    its quantile range used to fall back to the default (0.90, 0.98)."""
+    given = Calibration(
+        settings=AnoFPDMSettings(
+            timesteps=GRID, quantile_range=(0.80, 0.95), reference="healthy", min_component_size=0
+        ),
+        guidance_scale=2.0,
+        m_max=[0.05, 0.05],
+        m_max_joint=0.05,
+        tau=0.5,
+        map_modalities=["flair", "t2"],
+        map_channels=[0, 3],
+        checkpoint_digest="digest0",
+        candidates=[{"guidance_scale": 0.5}, {"guidance_scale": 2.0}],
+    )
+    ev = _evaluator(datasets, tmp_path, _micro_net(), calibration=given, methods=["anofpdm_ddpm"], seeds=[0])
+    ev.run()
+    made = Calibration.load(tmp_path / "calibration_ddpm.json")
+    assert made.forward == "ddpm"
+    assert made.quantile_range == (0.80, 0.95)
+    assert made.settings.differences(given.settings, ("timesteps", "reference", "divergence", "end_step")) == []
+    assert made.settings.replace(forward="ddim") == given.settings.replace(median_kernel=3)

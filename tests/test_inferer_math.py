@@ -1,6 +1,6 @@
 # Copyright (c) anofpdm_monai contributors
 # Licensed under the Apache License, Version 2.0
-"""Independent verification of the AnoFPDM core algorithm (DESIGN.md section 2).
+"""Independent verification of the AnoFPDM core algorithm (docs/method.md §3-5).
 
 An analytic mock network with a closed-form epsilon prediction drives both the streaming implementation
 (``run_forward_process`` + ``AnoFPDMInferer.postprocess``) and a naive float64 numpy reference written here from the
@@ -25,19 +25,19 @@ from monai.networks.schedulers import DDPMScheduler
 from scipy import ndimage
 
 from anofpdm_monai.inferers.anofpdm import AnoFPDMInferer, ForwardProcessResult, run_forward_process
-from anofpdm_monai.inferers.postprocess import (
+from anofpdm_monai.inferers.reconstruction import ddim_decode, ddim_encode, ddpm_decode
+from anofpdm_monai.networks.unet import HEALTHY, NULL, UNHEALTHY
+from anofpdm_monai.postprocessing import (
     batch_quantile,
     binarize_map,
     median_filter_2d,
     quantile_level,
     remove_small_components,
 )
-from anofpdm_monai.inferers.reconstruction import ddim_decode, ddim_encode, ddpm_decode
-from anofpdm_monai.inferers.schedule import NoiseSchedule, make_step_grid
-from anofpdm_monai.networks.unet import HEALTHY, NULL, UNHEALTHY
+from anofpdm_monai.schedule import NoiseSchedule, make_step_grid
 
 # --------------------------------------------------------------------------------------------------------------------
-# The schedule, computed independently in numpy float64 (DESIGN.md: T = 1000, linear betas 1e-4 .. 0.02)
+# The schedule, computed independently in numpy float64 (docs/method.md §3.1: T = 1000, linear betas 1e-4 .. 0.02)
 # --------------------------------------------------------------------------------------------------------------------
 
 T = 1000
@@ -232,7 +232,7 @@ def forward_noises(forward: str, num_steps: int, seed: int = SEED) -> list[np.nd
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Naive reference, from DESIGN.md section 2 only
+# Naive reference, from docs/method.md §3-5 only
 # --------------------------------------------------------------------------------------------------------------------
 
 

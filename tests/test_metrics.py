@@ -389,3 +389,59 @@ class TestAggregateOverSeeds:
     def test_single_seed_and_empty(self):
         assert aggregate_over_seeds([{"dice": 0.42}]) == {"dice": (0.42, 0.0)}
         assert aggregate_over_seeds([]) == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# the per-slice metrics as MONAI metric classes
+# --------------------------------------------------------------------------------------------------
+def test_slice_metrics_accumulate_like_the_functions():
+    from anofpdm_monai.metrics import SliceDiceMetric, SliceIoUMetric
+
+    rng = np.random.default_rng(3)
+    pred, gt = rng.random((9, 6, 6)) > 0.5, rng.random((9, 6, 6)) > 0.6
+    gt[0] = pred[0] = False  # empty vs empty scores 1 under the protocol's smoothing
+    for metric_cls, fn in ((SliceDiceMetric, dice_per_slice), (SliceIoUMetric, iou_per_slice)):
+        metric = metric_cls()
+        for chunk in (slice(0, 4), slice(4, 9)):
+            metric(torch.as_tensor(pred[chunk]), torch.as_tensor(gt[chunk]))
+        assert float(metric.aggregate()) == pytest.approx(fn(pred, gt).mean(), abs=1e-12)
+        every = metric_cls(reduction="none")
+        every(torch.as_tensor(pred), torch.as_tensor(gt))
+        np.testing.assert_allclose(every.aggregate().numpy(), fn(pred, gt))
+        assert float(every.aggregate()[0]) == pytest.approx(1.0)
+
+
+def test_slice_dice_in_a_monai_evaluator_with_metrics_saver(tmp_path):
+    """The metric plugs into a MONAI evaluator through IgniteMetricHandler; MetricsSaver writes the per-slice
+    values and the mean."""
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import IgniteMetricHandler, MetricsSaver, from_engine
+
+    from anofpdm_monai.metrics import SliceDiceMetric
+
+    rng = np.random.default_rng(4)
+    images = torch.as_tensor(rng.random((6, 1, 8, 8)), dtype=torch.float32)
+    labels = (torch.as_tensor(rng.random((6, 1, 8, 8))) > 0.5).float()
+    data = [{"image": images[i : i + 3], "label": labels[i : i + 3]} for i in (0, 3)]
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x):
+            return (x > 0.5).float()
+
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=data,
+        network=Threshold(),
+        decollate=False,
+        key_val_metric={
+            "slice_dice": IgniteMetricHandler(
+                metric_fn=SliceDiceMetric(), output_transform=from_engine(["pred", "label"]), save_details=True
+            )
+        },
+        val_handlers=[MetricsSaver(save_dir=str(tmp_path), metrics="*", metric_details="*")],
+    )
+    evaluator.run()
+    expected = dice_per_slice((images > 0.5).numpy(), labels.bool().numpy()).mean()
+    assert evaluator.state.metrics["slice_dice"] == pytest.approx(expected, abs=1e-12)
+    assert (tmp_path / "metrics.csv").is_file() and "slice_dice" in (tmp_path / "metrics.csv").read_text()
+    assert (tmp_path / "slice_dice_raw.csv").is_file()

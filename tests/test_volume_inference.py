@@ -1,7 +1,7 @@
-"""Volume inference: NIfTI volumes in, anomaly maps and masks out on the input's own grid (DESIGN.md sections 2, 5,
-7): geometry round trips (LPS, RAS, the real tiny BraTS case), a known answer with an analytic network that removes
-a synthetic lesion, the calibration consistency checks of ``from_files``, batch runs with a bad case, reruns,
-atomic writes and permissions, datalist checks, and the inference bundle run on a folder of cases."""
+"""Volume inference: NIfTI volumes in, anomaly maps and masks out on the input's own grid (docs/method.md §1, §5;
+docs/architecture.md): geometry round trips (LPS, RAS, the real tiny BraTS case), a known answer with an analytic
+network that removes a synthetic lesion, the calibration consistency checks of ``from_files``, batch runs with a bad
+case, reruns, atomic writes and permissions, datalist checks, and the inference bundle run on a folder of cases."""
 
 from __future__ import annotations
 
@@ -17,19 +17,18 @@ import pandas as pd
 import pytest
 import torch
 
+from anofpdm_monai.apps.inference import VolumeInferer
 from anofpdm_monai.calibration import Calibration, CalibrationError
 from anofpdm_monai.data import VolumePreprocessor
 from anofpdm_monai.data.synthetic import make_case, phantom_anatomy
-from anofpdm_monai.inferers import (
-    AnoFPDMInferer,
-    InferenceFailures,
-    NoiseSchedule,
-    VolumeInferer,
-    write_nifti_like,
-)
+from anofpdm_monai.data.writers import write_nifti_like
+from anofpdm_monai.engines import InferenceFailures
+from anofpdm_monai.inferers import AnoFPDMInferer
+from anofpdm_monai.io import default_mode
 from anofpdm_monai.networks import build_diffusion_unet, load_network, save_checkpoint
 from anofpdm_monai.networks.unet import HEALTHY
-from anofpdm_monai.utils import default_mode
+from anofpdm_monai.schedule import NoiseSchedule
+from anofpdm_monai.settings import AnoFPDMSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -146,10 +145,9 @@ def model_files(tmp_path_factory) -> dict:
         m_max=[0.05, 0.05],
         m_max_joint=0.05,
         tau=0.5,
-        timesteps=list(GRID),
+        settings=AnoFPDMSettings(timesteps=GRID, min_component_size=3),
         map_modalities=["flair", "t2"],
         map_channels=[0, 3],
-        min_component_size=3,
         checkpoint_digest=load_network(ckpt)[1]["digest"],
         preprocessing=pre.to_dict(),
         datalist="synthetic [validation]",
@@ -447,7 +445,12 @@ def test_inference_bundle_on_an_input_folder(model_files, tmp_path):
         "monai.bundle",
         "run",
         "--config_file",
-        str(REPO / "bundles" / "anofpdm_brats21" / "configs" / "inference.json"),
+        str(
+            [
+                str(REPO / "bundles" / "anofpdm_brats21" / "configs" / "dataset.json"),
+                str(REPO / "bundles" / "common" / "configs" / "inference.json"),
+            ]
+        ),
         "--input_dir",
         str(input_dir),
         "--checkpoint",

@@ -1,10 +1,18 @@
-"""Data: datalists, MONAI transforms and the slice cache."""
-
-from __future__ import annotations
-
-from typing import Any
+"""Data: datalists, MONAI transforms, volume preprocessing, the slice cache and the output writers."""
 
 from .cache import CacheBuildError, SliceCache, SliceDataset
+from .datalist import (
+    LAYOUTS,
+    SPLITS,
+    DatalistError,
+    build_datalist,
+    datalist_from_folder,
+    detect_layout,
+    load_datalist,
+    split_counts,
+    validate_datalist,
+    write_datalist,
+)
 from .preprocessing import SLICE_TABLE_COLUMNS, SliceArrays, VolumePreprocessor
 from .transforms import (
     BinarizeLabeld,
@@ -19,9 +27,7 @@ from .transforms import (
     SquarePadd,
 )
 
-# The datalist names are imported lazily (PEP 562) so that ``python -m anofpdm_monai.data.datalist`` does not find
-# its own module already imported by this package (runpy's RuntimeWarning about unpredictable behaviour).
-_DATALIST_NAMES = (
+__all__ = [
     "LAYOUTS",
     "SPLITS",
     "DatalistError",
@@ -32,10 +38,6 @@ _DATALIST_NAMES = (
     "split_counts",
     "validate_datalist",
     "write_datalist",
-)
-
-__all__ = [
-    *_DATALIST_NAMES,
     "CacheBuildError",
     "SliceCache",
     "SliceDataset",
@@ -53,11 +55,3 @@ __all__ = [
     "SquarePad",
     "SquarePadd",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _DATALIST_NAMES:
-        from . import datalist
-
-        return getattr(datalist, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..utils import default_mode
+from ..io import default_mode, first_line
+from .datalist import load_datalist
 from .preprocessing import SLICE_TABLE_COLUMNS, SliceArrays, VolumePreprocessor
 from .transforms import CaseError
 
@@ -192,7 +193,7 @@ class SliceCache:
                     data = self.preprocessor(entry)
                     self.write_case(entry, self.preprocessor.slices(data), fingerprint=fingerprint)
                 except (CaseError, ValueError, OSError, RuntimeError) as exc:
-                    failures[str(entry["id"])] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    failures[str(entry["id"])] = first_line(exc)
                     logger.error("case %s failed: %s", entry["id"], failures[str(entry["id"])])
         if failures and on_error == "raise":
             raise CacheBuildError(failures)
@@ -276,8 +277,6 @@ class SliceDataset(Dataset):
             on_error: what to do with cases that fail preprocessing (see :meth:`SliceCache.build`).
             require_labels: raise if a case has no label (training needs slice labels).
         """
-        from .datalist import load_datalist
-
         splits = [split] if isinstance(split, str) else list(split)
         dl = load_datalist(datalist, dataset_dir=dataset_dir, splits=splits)
         cache = SliceCache(cache_dir, preprocessing)

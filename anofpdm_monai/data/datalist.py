@@ -20,7 +20,7 @@ are unique and filesystem-safe. Only ``modalities``, ``training``, ``validation`
 patient level, deterministically for a seed; :func:`load_datalist` reads one back, joined onto a dataset folder.
 Command line::
 
-    python -m anofpdm_monai.data.datalist brats2021 --root /data/BraTS2021 --output data_lists/brats2021.json
+    python -m anofpdm_monai.apps.datalist brats2021 --root /data/BraTS2021 --output data_lists/brats2021.json
 
 MONAI's ``load_decathlon_datalist`` is not used: it requires ``image`` to be a path string per entry and has no
 notion of modality order, patient-level splits or one-line errors.
@@ -28,18 +28,17 @@ notion of modality order, patient-level splits or one-line errors.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
 import random
 import re
-import sys
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..io import write_text
 
 __all__ = [
     "DatalistError",
@@ -47,12 +46,12 @@ __all__ = [
     "SPLITS",
     "build_datalist",
     "write_datalist",
+    "patient_id",
     "validate_datalist",
     "load_datalist",
     "detect_layout",
     "datalist_from_folder",
     "split_counts",
-    "main",
 ]
 
 LAYOUTS = ("brats2021", "brats2023", "atlas2")
@@ -184,19 +183,10 @@ def write_datalist(datalist: dict, path: str | os.PathLike) -> None:
         text = json.dumps(datalist, indent=2, ensure_ascii=False) + "\n"
     except (TypeError, ValueError) as e:
         raise DatalistError(f"{path}: datalist is not JSON-serialisable: {e}") from e
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text(path, text)
     except OSError as e:
         raise DatalistError(f"cannot write datalist {path}: {e}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _join(dataset_dir: Path, file: str) -> str:
@@ -341,7 +331,7 @@ def _file_stem(layout: str, case_id: str, file_modality: str) -> str:
     return f"{case_id}{separator}{file_modality}"
 
 
-def _patient_id(layout: str, case_id: str) -> str:
+def patient_id(layout: str, case_id: str) -> str:
     """The patient a case belongs to: BraTS 2023 drops the timepoint suffix, ATLAS keeps the ``sub-*`` part."""
     if layout == "brats2023":
         return case_id.rsplit("-", 1)[0]
@@ -412,7 +402,7 @@ def _scan(layout: str, root: str | os.PathLike, modalities: Sequence[str] | str 
         entry: dict[str, Any] = {"id": case_id, "image": [rel(f) for f in files]}
         if label is not None:
             entry["label"] = rel(label)
-        cases.append((_patient_id(layout, case_id), entry))
+        cases.append((patient_id(layout, case_id), entry))
     if not cases:
         raise DatalistError(f"no {layout} cases under {root} (expected {_EXPECTED[layout]})")
     cases.sort(key=lambda c: c[1]["id"])
@@ -577,61 +567,3 @@ def datalist_from_folder(
         "test": entries,
     }
     return validate_datalist(datalist, source=f"{layout} datalist of {root}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m anofpdm_monai.data.datalist",
-        description="Scan a dataset folder and write a datalist JSON with a deterministic patient-level split.",
-    )
-    parser.add_argument("layout", metavar="{" + ",".join(LAYOUTS) + "}", help="dataset folder layout")
-    parser.add_argument("--root", required=True, help="dataset folder; datalist paths are relative to it")
-    parser.add_argument("--output", required=True, help="datalist JSON file to write")
-    parser.add_argument(
-        "--split",
-        nargs=3,
-        type=float,
-        default=[0.75, 0.05, 0.20],
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="patient fractions per split, summing to 1 (default: 0.75 0.05 0.20)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle (default: 0)")
-    parser.add_argument(
-        "--modalities",
-        nargs="+",
-        default=None,
-        help="subset/order of modalities, e.g. flair t2 (BraTS 2023 accepts t2f t1n t1c t2w too; default: all)",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point: build a datalist and write it.
-
-    Args:
-        argv: arguments without the program name (default: ``sys.argv[1:]``).
-
-    Returns:
-        0 on success, 2 on a :class:`DatalistError` (printed to stderr as ``error: <message>``).
-    """
-    args = _parser().parse_args(argv)
-    try:
-        datalist = build_datalist(args.layout, args.root, args.split, args.seed, args.modalities)
-        write_datalist(datalist, args.output)
-    except DatalistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = ", ".join(f"{split}: {n}" for split, n in split_counts(datalist).items())
-    patients = {_patient_id(args.layout, e["id"]) for split in SPLITS for e in datalist[split]}
-    print(f"{counts} (patients: {len(patients)})")
-    print(f"wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

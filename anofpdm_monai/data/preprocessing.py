@@ -27,7 +27,14 @@ from .transforms import (
     SquarePadd,
 )
 
-__all__ = ["VolumePreprocessor", "SliceArrays", "SLICE_TABLE_COLUMNS"]
+__all__ = [
+    "VolumePreprocessor",
+    "SliceArrays",
+    "SLICE_TABLE_COLUMNS",
+    "brain_slice_range",
+    "source_axial_index",
+    "unwrap_transform_error",
+]
 
 #: columns of the per-slice table (one row per kept axial slice)
 SLICE_TABLE_COLUMNS = (
@@ -41,7 +48,7 @@ SLICE_TABLE_COLUMNS = (
 )
 
 
-def _unwrap_transform_error(exc: RuntimeError, case: str) -> Exception:
+def unwrap_transform_error(exc: BaseException, case: str, stage: str = "preprocessing") -> BaseException:
     """The exception to raise for a failure inside the MONAI chain.
 
     ``monai.transforms.apply_transform`` re-raises every error as ``RuntimeError("applying transform <...>")``
@@ -60,9 +67,36 @@ def _unwrap_transform_error(exc: RuntimeError, case: str) -> Exception:
         return exc
     lines = str(root).strip().splitlines()
     reason = lines[0] if lines else ""
-    err = RuntimeError(f"case {case}: preprocessing failed in {transform}: {type(root).__name__}: {reason}")
+    err = RuntimeError(f"case {case}: {stage} failed in {transform}: {type(root).__name__}: {reason}")
     err.__cause__ = root
     return err
+
+
+def brain_slice_range(brain: torch.Tensor | np.ndarray, min_brain_pixels: int = 0, case: str = "<case>") -> np.ndarray:
+    """The kept axial slices of a (S, S, D) brain mask: from the first to the last slice with more than
+    ``min_brain_pixels`` brain pixels (one-line :class:`CaseError` when there is none)."""
+    area = np.asarray(torch.as_tensor(brain).bool().sum(dim=(0, 1)))
+    bearing = np.nonzero(area > int(min_brain_pixels))[0]
+    if bearing.size == 0:
+        raise CaseError(f"case {case}: no axial slice contains brain at model resolution")
+    return np.arange(bearing[0], bearing[-1] + 1)
+
+
+def source_axial_index(image: MetaTensor) -> tuple[int, np.ndarray]:
+    """Map RAS axial indices of a preprocessed image to the input file's voxel indices.
+
+    Returns:
+        ``(axis, index)``: the input file's voxel axis that is axial, and for each RAS slice k its index along that
+        axis.
+    """
+    original = np.asarray(image.meta.get("original_affine", image.affine))
+    depth = int(image.shape[-1])
+    ornt = nib.orientations.io_orientation(original)  # input axis i -> (RAS axis, flip)
+    axis = int(np.nonzero(ornt[:, 0] == 2)[0][0])
+    index = np.arange(depth)
+    if ornt[axis, 1] < 0:
+        index = depth - 1 - index
+    return axis, index
 
 
 @dataclass
@@ -178,7 +212,7 @@ class VolumePreprocessor:
         except RuntimeError as exc:
             # MONAI's Compose wraps every failure as RuntimeError("applying transform <object at 0x...>"): surface the
             # one-line CaseError that names the file, or at least the transform and the underlying message.
-            err = _unwrap_transform_error(exc, str(data.get("id", "<case>")))
+            err = unwrap_transform_error(exc, str(data.get("id", "<case>")))
             if err is exc:
                 raise
             raise err from err.__cause__
@@ -186,21 +220,8 @@ class VolumePreprocessor:
         return out
 
     def source_axial_index(self, data: Mapping[str, Any]) -> tuple[int, np.ndarray]:
-        """Map RAS axial indices of a preprocessed case to the input file's voxel indices.
-
-        Returns:
-            ``(axis, index)``: the input file's voxel axis that is axial, and for each RAS slice k its index
-            along that axis.
-        """
-        image: MetaTensor = data["image"]
-        original = np.asarray(image.meta.get("original_affine", image.affine))
-        depth = int(image.shape[-1])
-        ornt = nib.orientations.io_orientation(original)  # input axis i -> (RAS axis, flip)
-        axis = int(np.nonzero(ornt[:, 0] == 2)[0][0])
-        index = np.arange(depth)
-        if ornt[axis, 1] < 0:
-            index = depth - 1 - index
-        return axis, index
+        """:func:`source_axial_index` of a preprocessed case's image."""
+        return source_axial_index(data["image"])
 
     def slices(self, data: Mapping[str, Any]) -> SliceArrays:
         """Cut a preprocessed case into its brain-bearing axial slices with slice-level labels."""
@@ -210,10 +231,7 @@ class VolumePreprocessor:
         has_label = data.get("label") is not None
         label = torch.as_tensor(data["label"])[0].detach().cpu() > 0.5 if has_label else torch.zeros_like(brain)
         brain_area = brain.sum(dim=(0, 1)).numpy()
-        bearing = np.nonzero(brain_area > self.min_brain_pixels)[0]
-        if bearing.size == 0:
-            raise CaseError(f"case {case}: no axial slice contains brain at model resolution")
-        keep = np.arange(bearing[0], bearing[-1] + 1)
+        keep = brain_slice_range(brain, self.min_brain_pixels, case)
         _, source_index = self.source_axial_index(data)
         lesion_area = label.sum(dim=(0, 1)).numpy()
         table = pd.DataFrame(

@@ -28,6 +28,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, SpatialPad, SpatialPadd, Transform
 
+from ..io import first_line
+
 __all__ = [
     "CaseError",
     "LoadCased",
@@ -60,11 +62,6 @@ class CaseError(ValueError):
 
 def _case_name(data: Mapping) -> str:
     return str(data.get("id", "<case>"))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class LoadCased(MapTransform):
@@ -106,7 +103,7 @@ class LoadCased(MapTransform):
         try:
             img = self.loader(path)
         except Exception as exc:  # nibabel raises many different types for corrupt files
-            raise CaseError(f"case {case}: cannot read {what} file {path}: {_first_line(exc)}") from exc
+            raise CaseError(f"case {case}: cannot read {what} file {path}: {first_line(exc)}") from exc
         if img.ndim != 4 or img.shape[0] != 1:
             raise CaseError(f"case {case}: {what} file {path} is not a single 3D volume (shape {tuple(img.shape)})")
         if not torch.isfinite(img).all():

@@ -1,16 +1,24 @@
-"""Training engine pieces for MONAI's SupervisedTrainer: the classifier-free prepare-batch, the class-conditioned
-training inferer, and handlers (checkpoints, RNG state, time budget, reconstruction previews, progress bar)."""
+"""MONAI engine pieces: for training (the classifier-free prepare-batch, the class-conditioned training inferer,
+checkpoints, RNG state, time budget, reconstruction previews, progress bar) and for volume inference (case dataset,
+case evaluator, prepare-batch, summary)."""
 
 from .handlers import ProgressBar, ReconstructionSaver, RNGState, TimeBudget, TrainingCheckpointer, is_main_process
-from .prepare_batch import ClassConditionedDiffusionInferer, ClassifierFreePrepareBatch
+from .inference import CaseDataset, CaseEvaluator, InferenceFailures, InferenceSummary, VolumePrepareBatch
+from .prepare_batch import ClassConditionedDiffusionInferer, ClassifierFreePrepareBatch, SliceLabelPrepareBatch
 
 __all__ = [
     "ClassifierFreePrepareBatch",
     "ClassConditionedDiffusionInferer",
+    "SliceLabelPrepareBatch",
     "ProgressBar",
     "ReconstructionSaver",
     "RNGState",
     "TimeBudget",
     "TrainingCheckpointer",
     "is_main_process",
+    "CaseDataset",
+    "CaseEvaluator",
+    "InferenceFailures",
+    "InferenceSummary",
+    "VolumePrepareBatch",
 ]

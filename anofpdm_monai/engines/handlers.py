@@ -10,8 +10,6 @@ import logging
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,10 +22,12 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from ..inferers.reconstruction import ddim_decode, ddim_encode, reconstruction_grid
-from ..inferers.schedule import NoiseSchedule
+from ..io import atomic_link, first_line, torch_save
 from ..networks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
 from ..networks.unet import HEALTHY, NULL
-from ..utils import atomic_path
+from ..schedule import NoiseSchedule
+from ..settings import DEFAULT_GUIDANCE_SCALE
+from ..visualize import save_reconstruction_grid
 
 __all__ = ["RNGState", "TrainingCheckpointer", "TimeBudget", "ReconstructionSaver", "ProgressBar", "is_main_process"]
 
@@ -37,28 +37,6 @@ logger = logging.getLogger(__name__)
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of an initialised process group."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _atomic_link(source: Path, target: Path) -> None:
-    """Make ``target`` a hard link to ``source`` (a copy where links are not supported), replacing it atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        os.remove(tmp)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 class RNGState:
@@ -183,8 +161,7 @@ class TrainingCheckpointer:
         try:
             Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
         except (RuntimeError, KeyError, ValueError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"cannot resume from {self.latest}: {first}") from None
+            raise CheckpointError(f"cannot resume from {self.latest}: {first_line(exc)}") from None
         if prior_max_epochs is not None:
             engine.state.max_epochs = max(prior_max_epochs, engine.state.epoch)
         self.resumed_from = self.latest
@@ -203,8 +180,8 @@ class TrainingCheckpointer:
         if not is_main_process():
             return
         numbered = self.save_dir / f"checkpoint_epoch={engine.state.epoch}.pt"
-        _atomic_torch_save(self._state(), numbered)
-        _atomic_link(numbered, self.latest)
+        torch_save(self._state(), numbered)
+        atomic_link(numbered, self.latest)
         pattern = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
         saved = sorted(
             (int(m.group(1)), p) for p in self.save_dir.glob("checkpoint_epoch=*.pt") if (m := pattern.search(p.name))
@@ -215,7 +192,7 @@ class TrainingCheckpointer:
     def save_latest(self, engine: Engine) -> None:
         """Write ``checkpoint_latest.pt`` only (the state of a terminated run)."""
         if is_main_process():
-            _atomic_torch_save(self._state(), self.latest)
+            torch_save(self._state(), self.latest)
             logger.info("run terminated at iteration %d: state saved to %s", engine.state.iteration, self.latest)
 
     def save_final(self, engine: Engine) -> None:
@@ -225,7 +202,12 @@ class TrainingCheckpointer:
         model = self.save_dict["model"]
         ema = self.save_dict.get(self.ema_key) if self.ema_key else None
         extra = {"iteration": int(engine.state.iteration), "epoch": int(engine.state.epoch)}
-        save_checkpoint(self.save_dir / self.final_name, model, ema=ema, preprocessing=self.preprocessing, extra=extra)
+        meta = self.save_dict.get("metadata")  # the run's CheckpointMetadata: preprocessing and schedule
+        preprocessing = getattr(meta, "preprocessing", None) or self.preprocessing
+        schedule = getattr(meta, "schedule", None)
+        save_checkpoint(
+            self.save_dir / self.final_name, model, ema=ema, preprocessing=preprocessing, schedule=schedule, extra=extra
+        )
 
 
 class TimeBudget:
@@ -283,6 +265,7 @@ class ReconstructionSaver:
         guidance_scale: w of the healthy guidance.
         num_items: number of slices shown.
         channel_names: names of the image channels for the figure.
+        schedule: the training run's noise schedule (default: the papers' linear schedule).
     """
 
     def __init__(
@@ -293,7 +276,7 @@ class ReconstructionSaver:
         interval: int = 1,
         noise_level: int = 400,
         num_steps: int = 25,
-        guidance_scale: float = 2.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         num_items: int = 4,
         channel_names: Sequence[str] | None = None,
         schedule: NoiseSchedule | None = None,
@@ -327,8 +310,6 @@ class ReconstructionSaver:
     def __call__(self, engine: Engine) -> None:
         if not is_main_process():
             return
-        from ..visualize import save_reconstruction_grid
-
         net = unwrap(self.network)
         device = next(net.parameters()).device
         was_training = net.training

@@ -1,4 +1,5 @@
-"""Classifier-free-guidance training batches for MONAI engines."""
+"""Batches for MONAI engines: classifier-free-guidance training batches, and slice batches with their image-level
+labels (the calibration evaluator)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from monai.inferers import DiffusionInferer
 
 from ..networks.unet import NULL
 
-__all__ = ["ClassifierFreePrepareBatch", "ClassConditionedDiffusionInferer"]
+__all__ = ["ClassifierFreePrepareBatch", "ClassConditionedDiffusionInferer", "SliceLabelPrepareBatch"]
 
 
 def _rank() -> int:
@@ -144,3 +145,18 @@ class ClassConditionedDiffusionInferer(DiffusionInferer):
             raise ValueError("class_labels are required for the class-conditioned network")
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
         return diffusion_model(noisy, timesteps=timesteps, class_labels=class_labels)
+
+
+class SliceLabelPrepareBatch:
+    """MONAI prepare-batch of slice batches: the images to the device and the slice labels (``class_label``, 0
+    healthy, 1 unhealthy) as the target, e.g. for the calibration evaluator."""
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: torch.device | str | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.as_tensor(batchdata["image"]).to(device=device, non_blocking=non_blocking)
+        return image, torch.as_tensor(batchdata["class_label"]).reshape(-1)

@@ -1,18 +1,10 @@
-"""Inferers: the AnoFPDM forward-process anomaly inferer, reconstruction-based baselines and volume inference."""
+"""Inferers: the AnoFPDM forward process and inferers (slices and volumes), and the reconstruction baselines."""
 
-from .anofpdm import AnoFPDMInferer, AnoFPDMOutput, ForwardProcessResult, run_forward_process
+from .anofpdm import AnoFPDMInferer, AnoFPDMOutput, SliceThresholds
 from .baselines import BASELINE_METHODS, BaselineOutput, IntensityInferer, ReconstructionInferer
-from .postprocess import (
-    batch_quantile,
-    binarize_map,
-    median_filter_2d,
-    quantile_level,
-    remove_small_components,
-    scaled_min_component_size,
-)
+from .forward_process import ForwardProcessResult, run_forward_process
 from .reconstruction import ddim_decode, ddim_encode, ddpm_decode, guided_eps, reconstruction_grid
-from .schedule import NoiseSchedule, make_step_grid
-from .volume import CaseResult, InferenceFailures, VolumeInferer, inferer_from_calibration, write_nifti_like
+from .volume import AnoFPDMVolumeInferer
 
 __all__ = [
     "BASELINE_METHODS",
@@ -21,24 +13,13 @@ __all__ = [
     "ReconstructionInferer",
     "AnoFPDMInferer",
     "AnoFPDMOutput",
+    "AnoFPDMVolumeInferer",
+    "SliceThresholds",
     "ForwardProcessResult",
     "run_forward_process",
-    "batch_quantile",
-    "binarize_map",
-    "median_filter_2d",
-    "quantile_level",
-    "remove_small_components",
-    "scaled_min_component_size",
     "ddim_decode",
     "ddim_encode",
     "ddpm_decode",
     "guided_eps",
     "reconstruction_grid",
-    "NoiseSchedule",
-    "make_step_grid",
-    "CaseResult",
-    "InferenceFailures",
-    "VolumeInferer",
-    "inferer_from_calibration",
-    "write_nifti_like",
 ]

@@ -26,9 +26,10 @@ import torch.nn as nn
 from monai.inferers import Inferer
 
 from ..networks.unet import HEALTHY, NULL
-from .postprocess import binarize_map
+from ..postprocessing import binarize_map
+from ..schedule import NoiseSchedule
+from ..settings import DEFAULT_GUIDANCE_SCALE
 from .reconstruction import ddim_decode, ddim_encode, ddpm_decode, reconstruction_grid
-from .schedule import NoiseSchedule
 
 __all__ = [
     "BASELINE_METHODS",
@@ -73,7 +74,7 @@ class ReconstructionInferer(Inferer):
         method: str,
         noise_level: int,
         num_steps: int | None = None,
-        guidance_scale: float = 2.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         map_channels: Sequence[int] = (0,),
         threshold: float | None = None,
         median_kernel: int = 5,

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 
 from ..networks.unet import NULL
-from .schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, classifier_free_guidance
 
 __all__ = ["reconstruction_grid", "guided_eps", "ddim_encode", "ddim_decode", "ddpm_decode"]
 
@@ -48,7 +48,7 @@ def guided_eps(
         t_b = torch.full((2 * B,), t, device=x_t.device, dtype=torch.long)
         y = torch.cat([torch.full((B,), label, device=x_t.device), torch.full((B,), NULL, device=x_t.device)]).long()
         eps = network(torch.cat([x_t, x_t]), timesteps=t_b, class_labels=y).float()
-    return (1.0 + guidance_scale) * eps[:B] - guidance_scale * eps[B:]
+    return classifier_free_guidance(eps[:B], eps[B:], guidance_scale)
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
-"""Checkpoint I/O that keeps the network configuration (and the preprocessing) with the weights.
+"""Checkpoint I/O that keeps the network configuration, the preprocessing and the noise schedule with the weights.
 
 A checkpoint is a dict saved with ``torch.save``. Training checkpoints (written by ignite's ``Checkpoint``) hold
 ``model``, ``ema``, ``optimizer``, ``trainer``, ``rng`` and ``metadata``; inference checkpoints hold ``model``,
-``ema`` and ``metadata``. ``metadata`` records the architecture (``AnoFPDMUNet.config``) and the preprocessing
-parameters, so a network can be rebuilt from the file alone and a mismatched architecture is refused with a
-clear message. Plain state dicts (including MONAI Generative ones, through ``load_old_state_dict``) are accepted
-when the caller supplies the network.
+``ema`` and ``metadata``. ``metadata`` records the architecture (``AnoFPDMUNet.config``), the preprocessing
+parameters and the noise schedule the model was trained with, so a network and its schedule can be rebuilt from the
+file alone and a mismatched architecture is refused with a clear message. Checkpoints written before the schedule
+was recorded fall back to the papers' linear schedule with a one-line warning. Plain state dicts (including MONAI
+Generative ones, through ``load_old_state_dict``) are accepted when the caller supplies the network.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,8 +23,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..utils import atomic_path
+from ..io import atomic_path, first_line
+from ..schedule import NoiseSchedule
 from .unet import AnoFPDMUNet
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -34,6 +39,7 @@ __all__ = [
     "load_weights",
     "file_digest",
     "unwrap",
+    "schedule_of",
 ]
 
 CHECKPOINT_FORMAT = "anofpdm_monai/1"
@@ -72,24 +78,33 @@ def _diff(theirs: Mapping[str, Any], mine: Mapping[str, Any]) -> str:
 
 
 class CheckpointMetadata:
-    """Checkpoint entry describing the network (and preprocessing) the weights belong to.
+    """Checkpoint entry describing the network, preprocessing and noise schedule the weights belong to.
 
     It has ``state_dict``/``load_state_dict`` so ignite's ``Checkpoint`` saves and restores it like the model;
-    restoring into a run with another architecture or preprocessing raises :class:`CheckpointError`.
+    restoring into a run with another architecture, preprocessing or schedule raises :class:`CheckpointError`.
 
     Args:
         network: the (possibly wrapped) :class:`AnoFPDMUNet`.
         preprocessing: the preprocessing parameters (``VolumePreprocessor.to_dict()``) or the preprocessor.
+        schedule: the :class:`~anofpdm_monai.schedule.NoiseSchedule` the model is trained with (or its dict).
     """
 
-    def __init__(self, network: nn.Module, preprocessing: Any = None) -> None:
+    def __init__(self, network: nn.Module, preprocessing: Any = None, schedule: Any = None) -> None:
         self.network = network
         if preprocessing is not None and hasattr(preprocessing, "to_dict"):
             preprocessing = preprocessing.to_dict()
         self.preprocessing = dict(preprocessing) if preprocessing is not None else None
+        if schedule is not None and hasattr(schedule, "to_dict"):
+            schedule = schedule.to_dict()
+        self.schedule = dict(schedule) if schedule is not None else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "network": _config_of(self.network), "preprocessing": self.preprocessing}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "network": _config_of(self.network),
+            "preprocessing": self.preprocessing,
+            "schedule": self.schedule,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = _config_of(self.network)
@@ -99,6 +114,27 @@ class CheckpointMetadata:
         theirs = state.get("preprocessing")
         if self.preprocessing is not None and theirs is not None and dict(theirs) != self.preprocessing:
             raise CheckpointError(f"checkpoint was made with other preprocessing ({_diff(theirs, self.preprocessing)})")
+        theirs = state.get("schedule")
+        if self.schedule is not None and theirs is not None and dict(theirs) != self.schedule:
+            raise CheckpointError(f"checkpoint was made with another noise schedule ({_diff(theirs, self.schedule)})")
+
+
+def schedule_of(info: Mapping[str, Any], source: str = "checkpoint") -> NoiseSchedule:
+    """The noise schedule recorded in checkpoint metadata (``load_network``'s info or the ``metadata`` entry).
+
+    A checkpoint without one (written before the schedule was recorded) gets the papers' linear schedule
+    (T = 1000, betas 1e-4..0.02) with a one-line warning.
+    """
+    params = info.get("schedule")
+    if not params:
+        logger.warning(
+            "%s records no noise schedule; assuming the papers' linear schedule (T=1000, 1e-4..0.02)", source
+        )
+        return NoiseSchedule()
+    try:
+        return NoiseSchedule.from_dict(params)
+    except ValueError as exc:
+        raise CheckpointError(f"{source} has an unusable noise schedule: {exc}") from None
 
 
 def file_digest(path: str | os.PathLike, length: int = 16) -> str:
@@ -116,12 +152,13 @@ def save_checkpoint(
     ema: nn.Module | None = None,
     preprocessing: Any = None,
     extra: Mapping[str, Any] | None = None,
+    schedule: Any = None,
 ) -> Path:
     """Save an inference checkpoint atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     content: dict[str, Any] = {
-        "metadata": CheckpointMetadata(network, preprocessing).state_dict(),
+        "metadata": CheckpointMetadata(network, preprocessing, schedule).state_dict(),
         "model": unwrap(network).state_dict(),
     }
     if ema is not None:
@@ -140,9 +177,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         content = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        ) from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     if not isinstance(content, Mapping):
         raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(content).__name__})")
     return dict(content)
@@ -249,8 +284,9 @@ def load_network(
 
     Returns:
         ``(network, metadata)``; ``metadata`` has ``network`` (architecture), ``preprocessing`` (parameters or
-        None), ``digest`` (file digest and which weights, ``<sha>-ema`` or ``<sha>-model``, for calibration records)
-        and ``weights``. The network is in eval mode.
+        None), ``schedule`` (the :class:`~anofpdm_monai.schedule.NoiseSchedule` the model was trained with, see
+        :func:`schedule_of`), ``digest`` (file digest and which weights, ``<sha>-ema`` or ``<sha>-model``, for
+        calibration records) and ``weights``. The network is in eval mode.
     """
     content = load_checkpoint(path, map_location=map_location)
     meta = content.get("metadata")
@@ -274,6 +310,7 @@ def load_network(
     info = {
         "network": dict(meta["network"]),
         "preprocessing": meta.get("preprocessing"),
+        "schedule": schedule_of(meta, source=f"checkpoint {path}"),
         # which weights of which file: a calibration made with the EMA weights does not fit the raw ones
         "digest": f"{file_digest(path)}-{weights}",
         "weights": weights,

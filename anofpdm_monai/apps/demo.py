@@ -1,4 +1,4 @@
-"""The whole AnoFPDM chain on data that needs nothing from the user: ``python -m anofpdm_monai.demo``.
+"""The whole AnoFPDM chain on data that needs nothing from the user: ``python -m anofpdm_monai.apps.demo``.
 
 Data: the MNI152 2009 T1 template that ``nilearn`` ships inside its package (a real healthy brain; nothing is
 downloaded), varied by random smooth deformations, bias fields and noise into several "subjects", with SYNTHETIC
@@ -23,33 +23,23 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .bundle import repository_root
+from ..bundle import run_workflow
+from ..data.datalist import write_datalist
+from ..data.synthetic import make_dataset, template_anatomy
+from ..metrics import dice_per_slice
+from ..postprocessing import scaled_min_component_size
+from ..visualize import save_demo_figure
 
 __all__ = ["main"]
 
-logger = logging.getLogger("anofpdm_monai.demo")
+logger = logging.getLogger("anofpdm_monai.apps.demo")
 
 BUNDLE = "anofpdm_atlas"
 
 
-def _bundle_config(name: str) -> str:
-    path = repository_root() / "bundles" / BUNDLE / "configs" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"bundle config {path} not found: run the demo from a source checkout")
-    return str(path)
-
-
-def _run_bundle(config: str, **overrides: Any) -> None:
-    """``python -m monai.bundle run --config_file <config> --key value ...`` in this process."""
-    from monai.bundle import run
-
-    configs = Path(_bundle_config(config)).parent
-    run(
-        config_file=_bundle_config(config),
-        meta_file=str(configs / "metadata.json"),
-        logging_file=str(configs / "logging.conf"),
-        **overrides,
-    )
+def _run_bundle(workflow: str, **overrides: Any) -> None:
+    """The ATLAS bundle's workflow, as ``python -m monai.bundle run`` runs it, in this process."""
+    run_workflow(BUNDLE, workflow, **overrides)
 
 
 def _step(title: str) -> float:
@@ -58,8 +48,6 @@ def _step(title: str) -> float:
 
 
 def _make_data(root: Path, seed: int, subjects: Sequence[int], template_mm: int) -> Path:
-    from .data.datalist import write_datalist
-    from .data.synthetic import make_dataset, template_anatomy
 
     datalist_path = root / "datalist.json"
     if datalist_path.is_file():
@@ -88,8 +76,6 @@ def _make_data(root: Path, seed: int, subjects: Sequence[int], template_mm: int)
 
 def _demo_figure(out: Path, dataset_dir: Path, datalist_path: Path, inference_dir: Path) -> tuple[Path, float]:
     """Figure of the test slice with the largest lesion: input, synthetic lesion, anomaly map, mask (input grid)."""
-    from .metrics import dice_per_slice
-    from .visualize import save_demo_figure
 
     datalist = json.loads(datalist_path.read_text())
     best: tuple[int, Any] | None = None
@@ -123,7 +109,7 @@ def _demo_figure(out: Path, dataset_dir: Path, datalist_path: Path, inference_di
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m anofpdm_monai.demo",
+        prog="python -m anofpdm_monai.apps.demo",
         description="Run datalist -> train -> calibrate -> inference -> evaluate on MNI152-derived subjects with "
         "synthetic lesions, through the ATLAS bundle configs.",
     )
@@ -145,7 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.output_dir).resolve()
     data_dir, model_dir, cache_dir = out / "data", out / "model", out / "cache"
     inference_dir, evaluation_dir = out / "inference", out / "evaluation"
-    from .inferers.postprocess import scaled_min_component_size
 
     min_component = scaled_min_component_size(args.image_size)
     common = {"dataset_dir": str(data_dir), "cache_dir": str(cache_dir)}
@@ -163,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reusing the trained model {model_dir / 'model.pt'} (use --retrain to train again)")
     else:
         _run_bundle(
-            "train.json",
+            "train",
             **common,
             output_dir=str(model_dir),
             image_size=args.image_size,
@@ -189,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = str(model_dir / "model.pt")
     t = _step("3/6 calibration from slice labels only")
     _run_bundle(
-        "calibrate.json",
+        "calibrate",
         **common,
         checkpoint=checkpoint,
         output_dir=str(out),
@@ -202,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t = _step("4/6 inference on the test subjects (NIfTI maps on the input grid)")
     _run_bundle(
-        "inference.json",
+        "inference",
         **common,
         checkpoint=checkpoint,
         calibration=str(out / "calibration.json"),
@@ -213,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t = _step("5/6 evaluation against baselines")
     _run_bundle(
-        "evaluate.json",
+        "evaluate",
         **common,
         checkpoint=checkpoint,
         calibration=str(out / "calibration.json"),

@@ -1,4 +1,9 @@
-"""Noise-schedule arithmetic in float64, and step grids.
+"""Noise-schedule arithmetic in float64, step grids and the classifier-free guidance combination.
+
+One :class:`NoiseSchedule` object is the single source of the schedule: the training config builds it, the MONAI
+scheduler that training noises with is made from it (:meth:`NoiseSchedule.to_monai_scheduler`), its parameters are
+stored in every checkpoint (:meth:`NoiseSchedule.to_dict`), and calibration, inference, evaluation and the previews
+rebuild it from there (:meth:`NoiseSchedule.from_dict`).
 
 MONAI's schedulers keep ``alphas_cumprod`` in float32 and ``add_noise`` recasts it to the input's dtype (bf16 in,
 bf16 schedule); their DDIM ``step``/``reversed_step`` move by ``T // N``, which does not match their own linspace
@@ -13,7 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["NoiseSchedule", "make_step_grid"]
+__all__ = ["NoiseSchedule", "make_step_grid", "classifier_free_guidance"]
+
+
+def classifier_free_guidance(
+    eps_cond: torch.Tensor, eps_null: torch.Tensor, guidance_scale: float | torch.Tensor
+) -> torch.Tensor:
+    """The classifier-free guided noise ``(1 + w) eps_cond - w eps_null`` (docs/method.md §3); ``w`` may be a tensor
+    that broadcasts against the noise (several scales at once)."""
+    return (1.0 + guidance_scale) * eps_cond - guidance_scale * eps_null
 
 
 def make_step_grid(
@@ -78,6 +91,14 @@ class NoiseSchedule:
             raise ValueError(f"unknown schedule {schedule!r}; use 'linear_beta', 'scaled_linear_beta' or pass betas")
         if b.numel() < 2 or bool(((b <= 0) | (b >= 1)).any()):
             raise ValueError("betas must lie in (0, 1)")
+        self._params: dict[str, Any] | None = None
+        if betas is None:
+            self._params = {
+                "num_train_timesteps": int(num_train_timesteps),
+                "schedule": schedule,
+                "beta_start": float(beta_start),
+                "beta_end": float(beta_end),
+            }
         self.betas = b
         self.alphas_cumprod = torch.cumprod(1.0 - b, dim=0)
         self.num_train_timesteps = int(b.numel())
@@ -92,6 +113,42 @@ class NoiseSchedule:
         if torch.allclose(betas, linear, rtol=1e-5, atol=1e-9):
             return cls(T, "linear_beta", float(f"{float(betas[0]):.6g}"), float(f"{float(betas[-1]):.6g}"))
         return cls(betas=betas)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable parameters (stored in checkpoints); :meth:`from_dict` rebuilds the same schedule."""
+        if self._params is not None:
+            return dict(self._params)
+        return {"betas": [float(b) for b in self.betas]}
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> NoiseSchedule:
+        """The schedule of :meth:`to_dict`."""
+        try:
+            return cls(**dict(params))
+        except TypeError as exc:
+            raise ValueError(f"not a noise schedule description: {sorted(params)} ({exc})") from None
+
+    def to_monai_scheduler(self) -> Any:
+        """A MONAI ``DDPMScheduler`` with this schedule, for MONAI's training inferer (``add_noise``).
+
+        For a named schedule MONAI computes the betas from the same parameters (in its own float32); explicit betas
+        are set on the scheduler.
+        """
+        from monai.networks.schedulers import DDPMScheduler
+
+        if self._params is not None:
+            return DDPMScheduler(**self._params)
+        scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps)
+        scheduler.betas = self.betas.float()
+        scheduler.alphas = 1.0 - scheduler.betas
+        scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+        return scheduler
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoiseSchedule) and torch.equal(self.betas, other.betas)
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self.to_dict() if self._params is not None else f'{self.num_train_timesteps} betas'})"
 
     @staticmethod
     def working_dtype(like: torch.Tensor) -> torch.dtype:

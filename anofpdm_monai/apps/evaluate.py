@@ -1,0 +1,62 @@
+"""Evaluation from Python: a checkpoint, its calibration and a datalist with pixel labels -> the metrics table,
+per-slice metrics and figures of AnoFPDM against the baselines (:class:`~anofpdm_monai.evaluation.Evaluator`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..calibration import Calibration
+from ..data import SliceDataset
+from ..evaluation import Evaluator
+from ..networks import load_network
+
+__all__ = ["run_evaluation"]
+
+
+def run_evaluation(
+    checkpoint: str | os.PathLike,
+    datalist: str | os.PathLike | Mapping[str, Any],
+    dataset_dir: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    map_modalities: Sequence[str],
+    calibration: str | os.PathLike | None = None,
+    val_split: str = "validation",
+    test_split: str = "test",
+    use_ema: bool = True,
+    **evaluator_kwargs: Any,
+) -> dict[str, Any]:
+    """Load the checkpoint (its EMA weights, or the raw ones with ``use_ema=False``) and the calibration file when it
+    exists, build the validation and test slice datasets through the cache, and run :class:`Evaluator`. Returns the
+    summary."""
+    network, info = load_network(checkpoint, use_ema=use_ema, map_location="cpu")
+    if not info.get("preprocessing"):
+        raise ValueError(f"checkpoint {checkpoint} records no preprocessing; train with the bundle")
+    cal = None
+    if calibration is not None and Path(calibration).is_file():
+        cal = Calibration.load(calibration)
+        cal.check(source=f"calibration {calibration}", checkpoint_digest=info["digest"])
+    evaluator_kwargs.setdefault("schedule", info["schedule"])
+    progress = evaluator_kwargs.get("progress", True)
+    pre = info["preprocessing"]
+    val = SliceDataset.from_datalist(
+        datalist, dataset_dir, val_split, cache_dir, pre, progress=progress, require_labels=True
+    )
+    test = SliceDataset.from_datalist(
+        datalist, dataset_dir, test_split, cache_dir, pre, progress=progress, require_labels=True
+    )
+    evaluator = Evaluator(
+        network,
+        info["digest"],
+        pre["modalities"],
+        map_modalities,
+        val,
+        test,
+        output_dir,
+        calibration=cal,
+        **evaluator_kwargs,
+    )
+    return evaluator.run()

@@ -1,0 +1,143 @@
+"""Calibration from image-level (slice) labels only: the pure algorithm (docs/method.md §6).
+
+From the validation slices' statistics and their healthy/unhealthy labels (no pixel labels):
+
+- ``M_max`` per map modality: the largest max_t M_t over unhealthy slices (Algorithm 1's normaliser);
+- ``tau``: over q in linspace(0.005, 0.095, 100), tau_q = the q-quantile of the healthy slices' cosine c; the first
+  tau_q minimising #(unhealthy with c > tau_q) + #(healthy with c < tau_q);
+- the fixed guidance ``w*``: for each candidate w, the classification accuracy at its own tau; w* is the largest
+  candidate whose accuracy is >= ``tolerance`` x the best (0.99 by default; the extended paper states 0.98 in one
+  place and 0.99 in another).
+
+The statistics come from ONE pass of network calls over the validation set for all candidates at once
+(:mod:`anofpdm_monai.calibration.engine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..settings import DEFAULT_TOLERANCE
+from .record import CalibrationError
+
+__all__ = [
+    "DEFAULT_TAU_LEVELS",
+    "CalibrationStatistics",
+    "select_tau",
+    "select_guidance",
+    "calibrate_from_statistics",
+]
+
+DEFAULT_TAU_LEVELS = tuple(np.linspace(0.005, 0.095, 100).tolist())
+
+
+def select_tau(
+    cosine_healthy: Sequence[float] | np.ndarray,
+    cosine_unhealthy: Sequence[float] | np.ndarray,
+    levels: Sequence[float] = DEFAULT_TAU_LEVELS,
+) -> tuple[float, int]:
+    """The cosine threshold: the first ``tau_q = quantile(healthy c, q)`` (linear interpolation) over ``levels``
+    minimising #(unhealthy with c > tau_q) + #(healthy with c < tau_q).
+
+    Returns:
+        ``(tau, errors)``.
+    """
+    healthy = np.asarray(cosine_healthy, dtype=np.float64)
+    unhealthy = np.asarray(cosine_unhealthy, dtype=np.float64)
+    if healthy.size == 0:
+        raise CalibrationError("no healthy validation slices: tau needs healthy and unhealthy slice labels")
+    best_tau, best_err = float("nan"), None
+    for q in levels:
+        tau = float(np.quantile(healthy, q))
+        err = int((unhealthy > tau).sum() + (healthy < tau).sum())
+        if best_err is None or err < best_err:
+            best_tau, best_err = tau, err
+    return best_tau, int(best_err)
+
+
+def select_guidance(accuracies: Mapping[float, float], tolerance: float = DEFAULT_TOLERANCE) -> float:
+    """w* = the largest candidate whose accuracy is >= ``tolerance`` x the best accuracy."""
+    if not accuracies:
+        raise CalibrationError("no guidance scale candidates")
+    if not 0 < tolerance <= 1:
+        raise CalibrationError(f"tolerance must be in (0, 1], got {tolerance}")
+    best = max(accuracies.values())
+    return float(max(w for w, acc in accuracies.items() if acc >= tolerance * best))
+
+
+@dataclass
+class CalibrationStatistics:
+    """What one pass over the validation slices yields, for W candidate guidance scales and N slices.
+
+    Attributes:
+        guidance_scales: (W,).
+        divergence_max: (W, N, Cm) max_t M_t per map modality.
+        divergence_max_joint: (W, N) max_t of the modality-mean M_t.
+        cosine: (W, N) cosine of the MSE curves.
+        labels: (N,) slice labels (0 healthy, 1 unhealthy).
+    """
+
+    guidance_scales: np.ndarray
+    divergence_max: np.ndarray
+    divergence_max_joint: np.ndarray
+    cosine: np.ndarray
+    labels: np.ndarray
+
+
+def calibrate_from_statistics(
+    stats: CalibrationStatistics, tolerance: float = DEFAULT_TOLERANCE, tau_levels: Sequence[float] = DEFAULT_TAU_LEVELS
+) -> dict[str, Any]:
+    """M_max, tau and w* from validation statistics (pure function).
+
+    Returns:
+        dict with ``guidance_scale``, ``m_max`` (list per modality), ``m_max_joint``, ``tau``, ``candidates``,
+        ``num_healthy``, ``num_unhealthy``.
+    """
+    labels = np.asarray(stats.labels).astype(np.int64)
+    healthy, unhealthy = labels == 0, labels == 1
+    if healthy.sum() == 0 or unhealthy.sum() == 0:
+        raise CalibrationError(
+            f"calibration needs healthy and unhealthy validation slices (found {int(healthy.sum())} healthy, "
+            f"{int(unhealthy.sum())} unhealthy)"
+        )
+    ws = [float(w) for w in np.asarray(stats.guidance_scales).reshape(-1)]
+    candidates, accuracies = [], {}
+    for i, w in enumerate(ws):
+        c = np.asarray(stats.cosine[i], dtype=np.float64)
+        tau, err = select_tau(c[healthy], c[unhealthy], tau_levels)
+        accuracy = 1.0 - err / labels.size
+        m_max = np.asarray(stats.divergence_max[i])[unhealthy].max(axis=0)
+        m_max_joint = float(np.asarray(stats.divergence_max_joint[i])[unhealthy].max())
+        accuracies[w] = accuracy
+        candidates.append(
+            {
+                "guidance_scale": w,
+                "accuracy": accuracy,
+                "tau": tau,
+                "m_max": [float(v) for v in m_max],
+                "m_max_joint": m_max_joint,
+            }
+        )
+    w_star = select_guidance(accuracies, tolerance)
+    chosen = next(c for c in candidates if c["guidance_scale"] == w_star)
+    m_chosen = np.asarray(chosen["m_max"] + [chosen["m_max_joint"]], dtype=np.float64)
+    if not bool(np.all(np.isfinite(m_chosen) & (m_chosen > 0))):
+        # Algorithm 1 divides by M_max: a zero (or NaN) would only fail later, at inference
+        raise CalibrationError(
+            f"M_max for w={w_star:g} is {chosen['m_max']} (joint {chosen['m_max_joint']:.3g}), not positive: the "
+            "guided and reference predictions do not differ on the unhealthy validation slices (an untrained "
+            "network, or w = 0 with reference='healthy')"
+        )
+    return {
+        "guidance_scale": w_star,
+        "m_max": chosen["m_max"],
+        "m_max_joint": chosen["m_max_joint"],
+        "tau": chosen["tau"],
+        "candidates": candidates,
+        "num_healthy": int(healthy.sum()),
+        "num_unhealthy": int(unhealthy.sum()),
+    }

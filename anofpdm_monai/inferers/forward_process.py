@@ -1,0 +1,237 @@
+"""The AnoFPDM forward process, streamed (docs/method.md §3).
+
+For a batch of slices x0 and an ascending step grid t_0 < ... < t_K, :func:`run_forward_process` noises the input
+(DDPM: fresh noise per step; DDIM: deterministic inversion reusing the null prediction of the previous step), makes
+one batched network call per step for the healthy and null labels, and streams everything AnoFPDM needs for several
+guidance scales at once: M_t curves, both MSE curves, the running argmax t_e and the sums of S_t up to it. Memory does
+not grow with the number of steps. The guided x0 prediction is linear in w before clipping, so every candidate w is
+evaluated from the same network outputs, which is what makes calibration a single pass.
+
+This module is pure tensor arithmetic over a network callable: no thresholds, no post-processing, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..networks.unet import HEALTHY, NULL
+from ..schedule import NoiseSchedule, classifier_free_guidance, make_step_grid
+from ..settings import DIVERGENCES, FORWARD_MODES, REFERENCES, check_choice
+
+__all__ = ["ForwardProcessResult", "run_forward_process"]
+
+
+@dataclass
+class ForwardProcessResult:
+    """Streamed statistics of one forward process, for W guidance scales and B slices.
+
+    Attributes:
+        timesteps: (K,) the step grid.
+        guidance_scales: (W,) the guidance scales evaluated.
+        divergence: (W, B, K, Cm) M_t per map modality.
+        mse_guided: (W, B, K) mean over map modalities and pixels of (x0_h - x0)^2.
+        mse_reference: (B, K) the same for the reference prediction x0_ref.
+        end_index: (W, B, Cm) grid index of argmax_t M_t per modality (first maximum).
+        end_index_joint: (W, B) grid index of argmax_t of the modality-mean of M_t.
+        map_sum, map_last: (W, B, Cm, H, W) sum of S_t over grid steps up to the per-modality end step, and
+            S_t at that step; ``None`` when maps were not requested.
+        map_sum_joint, map_last_joint: the same at the joint end step.
+    """
+
+    timesteps: torch.Tensor
+    guidance_scales: torch.Tensor
+    divergence: torch.Tensor
+    mse_guided: torch.Tensor
+    mse_reference: torch.Tensor
+    end_index: torch.Tensor
+    end_index_joint: torch.Tensor
+    map_sum: torch.Tensor | None = None
+    map_last: torch.Tensor | None = None
+    map_sum_joint: torch.Tensor | None = None
+    map_last_joint: torch.Tensor | None = None
+
+    def cosine(self, eps: float = 1e-6) -> torch.Tensor:
+        """(W, B) cosine similarity of the guided and reference MSE curves over all grid steps."""
+        ref = self.mse_reference[None].expand_as(self.mse_guided)
+        return F.cosine_similarity(self.mse_guided, ref, dim=-1, eps=eps)
+
+    def anomaly_maps(self, end_step: str = "per_modality", aggregation: str = "mean") -> torch.Tensor:
+        """(W, B, Cm, H, W) per-modality anomaly maps H_m for the chosen end-step mode and aggregation."""
+        if self.map_sum is None:
+            raise ValueError("this forward process was run without maps (need_maps=False)")
+        if end_step == "per_modality":
+            total, last, count = self.map_sum, self.map_last, self.end_index + 1
+        else:
+            total, last = self.map_sum_joint, self.map_last_joint
+            count = (self.end_index_joint + 1)[..., None].expand_as(self.end_index)
+        if aggregation == "last":
+            return last
+        return total / count[..., None, None].to(total.dtype)
+
+    def divergence_max(self, end_step: str = "per_modality") -> torch.Tensor:
+        """M = max_t M_t: (W, B, Cm) per modality, or (W, B, 1) of the modality mean for ``joint``."""
+        if end_step == "per_modality":
+            return self.divergence.amax(dim=2)
+        return self.divergence.mean(dim=-1).amax(dim=2)[..., None]
+
+    def end_steps(self, end_step: str = "per_modality") -> torch.Tensor:
+        """t_e in diffusion steps: (W, B, Cm) per modality, or (W, B, 1) for ``joint``."""
+        index = self.end_index if end_step == "per_modality" else self.end_index_joint[..., None]
+        return self.timesteps.to(index.device)[index]
+
+    def select(self, w_index: int) -> ForwardProcessResult:
+        """The result for one guidance scale (keeps a W axis of size 1)."""
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("timesteps", "mse_reference") or v is None:
+                values[f.name] = v
+            else:
+                values[f.name] = v[w_index : w_index + 1]
+        return ForwardProcessResult(**values)
+
+
+@torch.no_grad()
+def run_forward_process(
+    network: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int],
+    guidance_scales: Sequence[float] | torch.Tensor,
+    map_channels: Sequence[int],
+    forward: str = "ddim",
+    reference: str = "null",
+    divergence: str = "v2",
+    clip: bool = True,
+    need_maps: bool = True,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> ForwardProcessResult:
+    """Run the forward process once and stream every statistic AnoFPDM needs, for several w at once.
+
+    Args:
+        network: epsilon network called as ``network(x, timesteps=t, class_labels=y)``.
+        x0: (B, C, H, W) clean slices in [-1, 1].
+        schedule: float64 schedule.
+        timesteps: ascending step grid.
+        guidance_scales: candidate w (>= 0); all share the same network outputs.
+        map_channels: indices of the map modalities in C.
+        forward: ``"ddim"`` or ``"ddpm"``.
+        reference: ``"null"`` (paper) or ``"healthy"`` (official code: e_h with w = 0).
+        divergence: ``"v2"`` or ``"v1"``.
+        clip: clip x0 predictions to [-1, 1].
+        need_maps: accumulate the anomaly maps (calibration only needs the curves).
+        generator: random generator for the forward noise.
+        autocast_dtype: run the network under ``torch.autocast`` with this dtype (e.g. bf16 on GPU); all other
+            arithmetic stays in float32 with float64 schedule coefficients.
+        progress: show a progress bar over the steps.
+
+    Returns:
+        :class:`ForwardProcessResult`.
+    """
+    check_choice("forward", forward, FORWARD_MODES)
+    check_choice("reference", reference, REFERENCES)
+    check_choice("divergence", divergence, DIVERGENCES)
+    grid = make_step_grid(timesteps=timesteps, num_train_timesteps=schedule.num_train_timesteps)
+    ws = torch.as_tensor(guidance_scales, dtype=torch.float32, device=x0.device).reshape(-1)
+    if ws.numel() == 0 or not bool(torch.isfinite(ws).all()) or bool((ws < 0).any()):
+        raise ValueError(f"guidance scales must be non-empty, finite and >= 0, got {ws.tolist()}")
+    if x0.ndim != 4:
+        raise ValueError(f"x0 must be (B, C, H, W), got shape {tuple(x0.shape)}")
+    channels = list(map_channels)
+    if not channels or min(channels) < 0 or max(channels) >= x0.shape[1]:
+        raise ValueError(f"map_channels {channels} out of range for {x0.shape[1]} input channels")
+
+    x0 = x0.float()
+    B = x0.shape[0]
+    W, K, Cm = ws.numel(), len(grid), len(channels)
+    device = x0.device
+    x0_map = x0[:, channels]  # (B, Cm, H, W)
+    w_view = ws.view(W, 1, 1, 1, 1)
+    labels = torch.cat(
+        [
+            torch.full((B,), HEALTHY, device=device, dtype=torch.long),
+            torch.full((B,), NULL, device=device, dtype=torch.long),
+        ]
+    )
+
+    div = torch.zeros(W, B, K, Cm, device=device)
+    mse_g = torch.zeros(W, B, K, device=device)
+    mse_r = torch.zeros(B, K, device=device)
+    best = torch.full((W, B, Cm), -torch.inf, device=device)
+    best_j = torch.full((W, B), -torch.inf, device=device)
+    end_index = torch.zeros(W, B, Cm, dtype=torch.long, device=device)
+    end_index_j = torch.zeros(W, B, dtype=torch.long, device=device)
+    maps_shape = (W, B, Cm, *x0.shape[2:])
+    if need_maps:
+        running = torch.zeros(maps_shape, device=device)
+        snap_sum, snap_last = torch.zeros(maps_shape, device=device), torch.zeros(maps_shape, device=device)
+        snap_sum_j, snap_last_j = torch.zeros(maps_shape, device=device), torch.zeros(maps_shape, device=device)
+
+    amp = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (clipped x0 of null, eps of null) at the previous step
+    for k, t in enumerate(tqdm(grid, desc="forward process", leave=False, disable=not progress)):
+        if forward == "ddpm" or prev is None:
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            x_t = schedule.q_sample(x0, t, noise)
+        else:
+            x_t = schedule.ddim_move(prev[0], prev[1], t)
+        t_batch = torch.full((2 * B,), t, device=device, dtype=torch.long)
+        with amp:
+            eps = network(torch.cat([x_t, x_t]), timesteps=t_batch, class_labels=labels)
+        eps = eps.float()
+        e_h, e_n = eps[:B], eps[B:]
+        x0_n = schedule.predict_x0(x_t, t, e_n, clip=clip)
+        prev = (x0_n, e_n)
+
+        e_h_m, e_n_m, x_t_m = e_h[:, channels], e_n[:, channels], x_t[:, channels]
+        e_g = classifier_free_guidance(e_h_m[None], e_n_m[None], w_view)  # (W, B, Cm, H, W)
+        x0_g = schedule.predict_x0(x_t_m[None].expand_as(e_g), t, e_g, clip=clip)
+        x0_ref = x0_n[:, channels] if reference == "null" else schedule.predict_x0(x_t_m, t, e_h_m, clip=clip)
+
+        sq_g = (x0_g - x0_map[None]) ** 2  # S_t, (W, B, Cm, H, W)
+        sq_r = (x0_ref - x0_map) ** 2  # (B, Cm, H, W)
+        if divergence == "v2":
+            m_t = ((x0_g - x0_ref[None]) ** 2).mean(dim=(-2, -1))
+        else:
+            m_t = (sq_g - sq_r[None]).abs().mean(dim=(-2, -1))
+        div[:, :, k] = m_t
+        mse_g[:, :, k] = sq_g.mean(dim=(-3, -2, -1))
+        mse_r[:, k] = sq_r.mean(dim=(-3, -2, -1))
+
+        improved = m_t > best  # strict: the first maximum wins
+        best = torch.where(improved, m_t, best)
+        end_index = torch.where(improved, torch.full_like(end_index, k), end_index)
+        m_joint = m_t.mean(dim=-1)
+        improved_j = m_joint > best_j
+        best_j = torch.where(improved_j, m_joint, best_j)
+        end_index_j = torch.where(improved_j, torch.full_like(end_index_j, k), end_index_j)
+        if need_maps:
+            running += sq_g
+            sel = improved[..., None, None]
+            snap_sum = torch.where(sel, running, snap_sum)
+            snap_last = torch.where(sel, sq_g, snap_last)
+            sel_j = improved_j[..., None, None, None]
+            snap_sum_j = torch.where(sel_j, running, snap_sum_j)
+            snap_last_j = torch.where(sel_j, sq_g, snap_last_j)
+
+    return ForwardProcessResult(
+        timesteps=torch.as_tensor(grid, dtype=torch.long),
+        guidance_scales=ws.cpu(),
+        divergence=div,
+        mse_guided=mse_g,
+        mse_reference=mse_r,
+        end_index=end_index,
+        end_index_joint=end_index_j,
+        map_sum=snap_sum if need_maps else None,
+        map_last=snap_last if need_maps else None,
+        map_sum_joint=snap_sum_j if need_maps else None,
+        map_last_joint=snap_last_j if need_maps else None,
+    )

@@ -1,0 +1,109 @@
+"""File writing shared by every writer of the package: outputs are written atomically (never half-written), with the
+permissions a plain ``open`` would give, and errors are reported as one line.
+
+Every module that writes a file goes through :func:`atomic_path` (or one of the small wrappers below); no other
+module calls ``tempfile``/``os.replace`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "atomic_path",
+    "atomic_link",
+    "write_text",
+    "write_json",
+    "torch_save",
+    "save_npz",
+    "default_mode",
+    "first_line",
+]
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a normally created file (0666) or folder (0777) gets under the current umask.
+
+    ``tempfile`` creates 0600/0700 entries; the renamed output would otherwise keep those.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it gets normal permissions and replaces ``path``.
+
+    On an exception the temporary file is removed and ``path`` is untouched.
+
+    Args:
+        path: the final file.
+        suffix: suffix of the temporary name (e.g. ``.nii.gz`` for writers that pick the format by suffix).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make ``target`` a hard link to ``source`` (a copy where links are not supported), replacing it atomically."""
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        os.remove(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON atomically (values JSON cannot hold are written with ``str``)."""
+    return write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    """``numpy.savez_compressed`` atomically."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+    return Path(path)

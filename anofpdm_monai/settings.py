@@ -1,0 +1,187 @@
+"""The AnoFPDM options, in one frozen object, each default written once.
+
+:class:`AnoFPDMSettings` is what the inferer, the calibration record, the evaluation and volume inference all take;
+a calibration is "settings + learned constants (w*, M_max, tau) + provenance" (:mod:`anofpdm_monai.calibration`).
+The method behind each option is in docs/method.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .schedule import make_step_grid
+
+__all__ = [
+    "AnoFPDMSettings",
+    "DEFAULT_GUIDANCE_SCALE",
+    "DEFAULT_GUIDANCE_CANDIDATES",
+    "DEFAULT_TOLERANCE",
+    "FORWARD_MODES",
+    "REFERENCES",
+    "DIVERGENCES",
+    "END_STEPS",
+    "AGGREGATIONS",
+    "CALIBRATED_FIELDS",
+    "check_choice",
+]
+
+#: w used when no calibration chose one (the papers' BraTS value)
+DEFAULT_GUIDANCE_SCALE = 2.0
+#: candidate w of the calibration sweep (docs/method.md §6)
+DEFAULT_GUIDANCE_CANDIDATES = (0.5, 1.0, 2.0, 3.0, 5.0)
+#: w* = the largest candidate whose accuracy is >= tolerance x the best
+DEFAULT_TOLERANCE = 0.99
+
+FORWARD_MODES = ("ddim", "ddpm")
+REFERENCES = ("null", "healthy")
+DIVERGENCES = ("v2", "v1")
+END_STEPS = ("per_modality", "joint")
+AGGREGATIONS = ("mean", "last")
+
+#: the options calibrated constants depend on: a calibration is refused for a setting that differs in one of them
+CALIBRATED_FIELDS = ("timesteps", "forward", "reference", "divergence", "end_step", "clip")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class AnoFPDMSettings:
+    """Every option of the AnoFPDM forward process and its post-processing (docs/method.md §3-5).
+
+    Attributes:
+        t_max: last step of the grid (the official code visits 0..599).
+        stride: grid spacing (1 is the official grid).
+        timesteps: an explicit ascending grid instead of ``t_max``/``stride``.
+        forward: ``"ddim"`` (deterministic inversion, the papers' best) or ``"ddpm"`` (fresh noise per step).
+        reference: ``"null"`` (paper) or ``"healthy"`` (official code: e_h with w = 0).
+        divergence: ``"v2"`` (extended paper, official code) or ``"v1"`` (conference paper).
+        end_step: ``"per_modality"`` (official code) or ``"joint"`` (paper eq. 6).
+        aggregation: ``"mean"`` of S_t over t <= t_e, or ``"last"`` (S_{t_e} only, the ablation).
+        quantile_range: (a, b) of the Algorithm 1 threshold quantile.
+        median_kernel: median filter size of the map.
+        min_component_size: mask components of at most this many pixels are removed (40 px at 128 x 128; scale it
+            with the resolution, see :func:`anofpdm_monai.postprocessing.scaled_min_component_size`).
+        clip: clip x0 predictions to [-1, 1].
+    """
+
+    t_max: int = 599
+    stride: int = 1
+    timesteps: tuple[int, ...] | None = None
+    forward: str = "ddim"
+    reference: str = "null"
+    divergence: str = "v2"
+    end_step: str = "per_modality"
+    aggregation: str = "mean"
+    quantile_range: tuple[float, float] = (0.90, 0.98)
+    median_kernel: int = 5
+    min_component_size: int = 40
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise types once, here
+        set_(self, "t_max", int(self.t_max))
+        set_(self, "stride", int(self.stride))
+        if self.timesteps is not None:  # an explicit grid: t_max and stride describe it, so equal grids compare equal
+            set_(self, "timesteps", tuple(int(t) for t in self.timesteps))
+            if self.timesteps:
+                set_(self, "t_max", self.timesteps[-1])
+                set_(self, "stride", 1)
+        check_choice("forward", self.forward, FORWARD_MODES)
+        check_choice("reference", self.reference, REFERENCES)
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        check_choice("end_step", self.end_step, END_STEPS)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        q = tuple(float(v) for v in self.quantile_range)
+        if len(q) != 2 or not all(math.isfinite(v) for v in q) or not 0.0 <= q[0] <= q[1] <= 1.0:
+            raise ValueError(f"quantile_range must be (a, b) with 0 <= a <= b <= 1, got {list(self.quantile_range)}")
+        set_(self, "quantile_range", q)
+        if int(self.median_kernel) < 1:
+            raise ValueError(f"median_kernel must be >= 1, got {self.median_kernel}")
+        set_(self, "median_kernel", int(self.median_kernel))
+        if int(self.min_component_size) < 0:
+            raise ValueError(f"min_component_size must be >= 0, got {self.min_component_size}")
+        set_(self, "min_component_size", int(self.min_component_size))
+        set_(self, "clip", bool(self.clip))
+        # the grid itself is checked against T when it is resolved (grid()); the stride and t_max here
+        make_step_grid(self.t_max, self.stride, self.timesteps, num_train_timesteps=max(self.t_max + 1, 10**9))
+
+    # ------------------------------------------------------------------ grid
+    def grid(self, num_train_timesteps: int = 1000) -> list[int]:
+        """The ascending step grid for a schedule of ``num_train_timesteps`` steps."""
+        return make_step_grid(self.t_max, self.stride, self.timesteps, num_train_timesteps)
+
+    def with_grid(self, num_train_timesteps: int = 1000) -> AnoFPDMSettings:
+        """The same settings with the grid written out as ``timesteps`` (what a calibration records)."""
+        grid = self.grid(num_train_timesteps)
+        return dataclasses.replace(self, timesteps=tuple(grid), t_max=grid[-1], stride=1)
+
+    # ------------------------------------------------------------------ construction
+    def replace(self, **changes: Any) -> AnoFPDMSettings:
+        """A copy with some options changed; ``None`` values are ignored (``"as before"``). Changing ``t_max`` or
+        ``stride`` drops an explicit ``timesteps`` grid unless one is given too."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(
+                f"unknown AnoFPDM option(s) {unknown}; options: {[f.name for f in dataclasses.fields(self)]}"
+            )
+        if ("t_max" in changes or "stride" in changes) and "timesteps" not in changes and self.timesteps is not None:
+            grid = self.timesteps
+            changes.setdefault("t_max", grid[-1])
+            changes.setdefault("stride", 1)
+            changes["timesteps"] = None
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def split_kwargs(cls, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Split keyword arguments into ``(settings options, the rest)``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: v for k, v in kwargs.items() if k in names}
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        return mine, rest
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable options (tuples as lists)."""
+        out = dataclasses.asdict(self)
+        out["quantile_range"] = list(self.quantile_range)
+        out["timesteps"] = None if self.timesteps is None else list(self.timesteps)
+        return out
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any], source: str = "settings") -> AnoFPDMSettings:
+        """Settings from :meth:`to_dict` output; a one-line ``ValueError`` naming ``source`` and the bad key."""
+        if not isinstance(options, Mapping):
+            raise ValueError(f"{source}: AnoFPDM settings must be a mapping, got {type(options).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown AnoFPDM option(s) {unknown}")
+        try:
+            return cls(**dict(options))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def differences(self, other: AnoFPDMSettings, fields: Sequence[str] = CALIBRATED_FIELDS) -> list[str]:
+        """``"field mine vs other"`` for each of ``fields`` that differs (the grid compared as resolved)."""
+        out = []
+        for name in fields:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "timesteps":
+                mine, theirs = self.grid(10**9), other.grid(10**9)
+                if mine != theirs:
+                    out.append(f"timesteps {_short(mine)} vs {_short(theirs)}")
+            elif mine != theirs:
+                out.append(f"{name} {mine!r} vs {theirs!r}")
+        return out
+
+
+def _short(grid: Sequence[int]) -> str:
+    return f"{list(grid[:3])}..{grid[-1]} ({len(grid)} steps)"
