@@ -18,7 +18,16 @@ from typing import Any
 __all__ = ["WORKFLOWS", "bundle_root", "repository_root", "config_files", "run_workflow"]
 
 #: the shared workflow configs in ``bundles/common/configs``
-WORKFLOWS = ("train", "multi_gpu_train", "calibrate", "inference", "evaluate")
+WORKFLOWS = (
+    "train",
+    "multi_gpu_train",
+    "calibrate",
+    "multi_gpu_calibrate",
+    "inference",
+    "multi_gpu_inference",
+    "evaluate",
+    "multi_gpu_evaluate",
+)
 
 
 def repository_root() -> Path:

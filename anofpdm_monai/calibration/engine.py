@@ -22,6 +22,7 @@ from monai.inferers import Inferer
 from monai.utils import CommonKeys
 from tqdm.auto import tqdm
 
+from ..engines.distributed import ShardedBatchSampler, gather_objects, rank_and_world
 from ..inferers.anofpdm import AnoFPDMInferer
 from ..settings import DEFAULT_GUIDANCE_CANDIDATES, DEFAULT_TOLERANCE
 from .algorithm import CalibrationStatistics, calibrate_from_statistics
@@ -82,6 +83,14 @@ class StatisticsAccumulator:
         self._parts["cos"].append(torch.as_tensor(output["cosine"]).cpu())
         self._parts["labels"].append(torch.as_tensor(labels).reshape(-1).cpu())
 
+    def gathered(self) -> StatisticsAccumulator:
+        """The accumulator of every rank's batches in the single-process batch order (itself in one process); the
+        ranks must have drawn their batches from a :class:`~anofpdm_monai.engines.distributed.ShardedBatchSampler`."""
+        per_rank = gather_objects(self._parts)
+        merged = StatisticsAccumulator(self.guidance_scales)
+        merged._parts = {k: ShardedBatchSampler.interleave([p[k] for p in per_rank]) for k in self._parts}
+        return merged
+
     def statistics(self) -> CalibrationStatistics:
         if not self._parts["labels"]:
             raise CalibrationError("no validation slices to calibrate on")
@@ -119,6 +128,10 @@ class CalibrationHandler:
     """Ignite handler of the calibration evaluator: accumulates the statistics of every iteration
     (``output[PRED]`` from :class:`CalibrationInferer`, ``output[LABEL]`` the slice labels) and, when the
     evaluator completes, computes w*, M_max and tau and writes the calibration file.
+
+    Under ``torchrun`` each rank evaluates its share of the batches (``ShardedBatchSampler``); the statistics of
+    all ranks are gathered in the single-process order, every rank computes the same calibration, and rank 0
+    writes the file.
 
     Args:
         inferer: the :class:`CalibrationInferer` of the evaluator (its settings and candidates are recorded).
@@ -159,13 +172,15 @@ class CalibrationHandler:
 
     def completed(self, engine: Engine | None = None) -> Calibration:
         self.calibration = make_calibration(
-            self.accumulator.statistics(),
+            self.accumulator.gathered().statistics(),
             self.inferer.inferer,
             self.map_modalities,
             self.model_info,
             self.tolerance,
             self.datalist,
         )
+        if rank_and_world()[0] != 0:
+            return self.calibration
         self.calibration.save(self.output_path)
         logger.info(
             "calibration written to %s: w* = %g, tau = %.4f, M_max = %s (validation accuracy %.3f)",

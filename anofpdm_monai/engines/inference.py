@@ -25,6 +25,7 @@ from monai.engines import SupervisedEvaluator
 
 from ..data.preprocessing import source_axial_index, unwrap_transform_error
 from ..io import first_line, write_json
+from .distributed import gather_objects, rank_and_world
 
 __all__ = ["CaseDataset", "VolumePrepareBatch", "CaseEvaluator", "InferenceSummary", "InferenceFailures"]
 
@@ -135,6 +136,9 @@ class InferenceSummary:
     """Handler of the case evaluator: when it completes, write ``<output_dir>/inference_summary.json`` (done, skipped,
     failed with reasons, seconds), log one line, and raise :class:`InferenceFailures` when a case failed.
 
+    Under ``torchrun`` the cases done and failed on every rank are gathered; rank 0 writes the summary of all of
+    them, and every rank raises when any case failed.
+
     Args:
         output_dir: the output folder.
         skipped: ids of finished cases that were not run again.
@@ -158,7 +162,10 @@ class InferenceSummary:
         self._start = time.time()
 
     def completed(self, engine: CaseEvaluator) -> dict[str, Any]:
-        done, failed = list(engine.done), dict(engine.failed)
+        done, failed = [], {}
+        for rank_done, rank_failed in gather_objects((list(engine.done), dict(engine.failed))):  # every rank's
+            done += rank_done
+            failed.update(rank_failed)
         self.summary = {
             "output_dir": str(self.output_dir),
             "done": done,
@@ -166,6 +173,8 @@ class InferenceSummary:
             "failed": failed,
             "seconds": round(time.time() - self._start, 1),
         }
+        if rank_and_world()[0] != 0:  # rank 0 writes and reports for all; every rank raises below
+            return self._raise_on_failure(done, failed)
         write_json(self.output_dir / "inference_summary.json", self.summary)
         logger.info(
             "inference: %d done, %d skipped (already finished), %d failed; outputs in %s",
@@ -174,6 +183,9 @@ class InferenceSummary:
             len(failed),
             self.output_dir,
         )
+        return self._raise_on_failure(done, failed)
+
+    def _raise_on_failure(self, done: list[str], failed: dict[str, str]) -> dict[str, Any]:
         if failed and self.raise_on_failure:
             total = len(done) + len(failed)
             detail = "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:5])

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration, collect_statistics, make_calibration
+from ..engines.distributed import barrier, rank_and_world, shard_cases
 from ..inferers.anofpdm import AnoFPDMInferer
 from ..inferers.baselines import IntensityInferer, ReconstructionInferer
 from ..io import atomic_path, write_text
@@ -328,6 +329,10 @@ class Evaluator:
             cases.setdefault(case, []).append(i)
         return cases
 
+    def _my_cases(self) -> list[tuple[str, list[int]]]:
+        """This rank's test cases and their slice indices (all of them in one process)."""
+        return shard_cases(list(self._case_indices().items()))
+
     def _run_anofpdm_group(self, forward: str, members: list[str], seed: int, tuning: Mapping[str, Any]) -> None:
         cal = self.anofpdm_calibration(forward)
         base = self._from_calibration(cal, seed)
@@ -354,7 +359,7 @@ class Evaluator:
             for m in members
         }
         for case, idx in tqdm(
-            self._case_indices().items(), desc=f"AnoFPDM ({forward}, seed {seed})", disable=not self.progress
+            self._my_cases(), desc=f"AnoFPDM ({forward}, seed {seed})", disable=not self.progress
         ):
             todo = [m for m in members if not self.store.matches(m, seed, case, settings[m], len(idx))]
             if not todo:
@@ -399,7 +404,7 @@ class Evaluator:
                 "min_component_size": self.min_component_size,
             }
         )
-        for case, idx in tqdm(self._case_indices().items(), desc=f"{method} (seed {seed})", disable=not self.progress):
+        for case, idx in tqdm(self._my_cases(), desc=f"{method} (seed {seed})", disable=not self.progress):
             if self.store.matches(method, seed, case, settings, len(idx)):
                 continue
             parts = []
@@ -422,9 +427,26 @@ class Evaluator:
         return self.store.load(method, seed, list(self._case_indices()))
 
     # ------------------------------------------------------------------ the whole workflow
-    def run(self) -> dict[str, Any]:
+    def _forwards(self) -> list[str]:
+        """The forward modes of the AnoFPDM methods evaluated."""
+        return sorted({METHODS[m].forward for m in self.methods if METHODS[m].anofpdm})
+
+    def run(self) -> dict[str, Any] | None:
+        """Tune, run every method on the test cases and report.
+
+        Under ``torchrun``, rank 0 tunes and calibrates (validation split) while the others wait; then every rank
+        runs its shard of the test cases into the shared result store, and rank 0 writes the report of all cases
+        (the other ranks return None). The table equals the single-process one: each case's results do not
+        depend on which rank made them.
+        """
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        tuning = self.tune()
+        rank, _ = rank_and_world()
+        if rank == 0:
+            self.tune()
+            for forward in self._forwards():
+                self.anofpdm_calibration(forward)
+        barrier()
+        tuning = self.tune()  # every rank: read back (nothing left to compute)
         for seed in self.seeds:
             groups = {"ddim": [m for m in ("anofpdm", "anofpdm_tuned", "anofpdm_last") if m in self.methods]}
             groups["ddpm"] = ["anofpdm_ddpm"] if "anofpdm_ddpm" in self.methods else []
@@ -435,7 +457,8 @@ class Evaluator:
             for method in self.methods:
                 if method not in ANOFPDM_METHODS and seed in self._seeds(method):
                     self._run_baseline(method, seed, tuning)
-        return self.report(tuning)
+        barrier()
+        return self.report(tuning) if rank == 0 else None
 
     def _picks(self, gt: Mapping[str, np.ndarray], y: np.ndarray) -> tuple[list[int], list[int]]:
         """Example slices: the largest lesion of each case first (then more), one healthy slice; and for the
