@@ -203,3 +203,22 @@ def test_killed_rank_then_rerun_completes_only_what_is_missing(setup):
     assert sorted(again) == sorted(reference)
     for name in again:
         np.testing.assert_array_equal(again[name], reference[name], err_msg=name)
+
+
+def test_a_failing_case_on_one_rank_does_not_stop_the_others(setup, tmp_path):
+    datalist = json.loads(Path(setup["common"]["datalist"]).read_text())
+    bad = dict(datalist["test"][0], id="broken_case", image=["broken_case/missing_t1w.nii.gz"])
+    datalist["test"] = [bad, *datalist["test"]]  # 4 cases: rank 0 gets the broken one and another
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(datalist))
+    out = tmp_path / "out"
+    overrides = {**setup["common"], "datalist": path, "calibration": setup["calibrations"]["single"], "output_dir": out}
+    proc = subprocess.run(
+        _cmd("inference", overrides, True), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode != 0
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert list(summary["failed"]) == ["broken_case"] and "missing_t1w.nii.gz" in summary["failed"]["broken_case"]
+    assert sorted(summary["done"]) == sorted(e["id"] for e in datalist["test"][1:])
+    for case in summary["done"]:
+        assert (out / case / f"{case}_anomaly_mask.nii.gz").is_file()
