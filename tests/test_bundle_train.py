@@ -223,7 +223,9 @@ def _state(path: Path) -> dict:
 
 def test_resume_matches_uninterrupted_run(synthetic, tmp_path):
     info = synthetic["anofpdm_brats21"]
-    base = {**SMALL, **_data_overrides(info), "preview_interval": 1, "batch_size": 16}
+    # an EMA with a momentum warm-up: its scheduler's position must survive the interruption too
+    warmup = {"ema_warmup_iters": 20, "ema_decay": 0.5}  # momentum 0.1 warming up to 0.5
+    base = {**SMALL, **_data_overrides(info), **warmup, "preview_interval": 1, "batch_size": 16}
     full, split = tmp_path / "full", tmp_path / "split"
     # the uninterrupted 2-epoch run and the first epoch of the interrupted one, side by side
     _run_parallel(

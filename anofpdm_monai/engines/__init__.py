@@ -2,7 +2,15 @@
 checkpoints, RNG state, time budget, reconstruction previews, progress bar) and for volume inference (case dataset,
 case evaluator, prepare-batch, summary)."""
 
-from .handlers import ProgressBar, ReconstructionSaver, RNGState, TimeBudget, TrainingCheckpointer, is_main_process
+from .handlers import (
+    EMAState,
+    ProgressBar,
+    ReconstructionSaver,
+    RNGState,
+    TimeBudget,
+    TrainingCheckpointer,
+    is_main_process,
+)
 from .inference import CaseDataset, CaseEvaluator, InferenceFailures, InferenceSummary, VolumePrepareBatch
 from .prepare_batch import ClassConditionedDiffusionInferer, ClassifierFreePrepareBatch, SliceLabelPrepareBatch
 
@@ -10,6 +18,7 @@ __all__ = [
     "ClassifierFreePrepareBatch",
     "ClassConditionedDiffusionInferer",
     "SliceLabelPrepareBatch",
+    "EMAState",
     "ProgressBar",
     "ReconstructionSaver",
     "RNGState",

@@ -29,7 +29,15 @@ from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_SCALE
 from ..visualize import save_reconstruction_grid
 
-__all__ = ["RNGState", "TrainingCheckpointer", "TimeBudget", "ReconstructionSaver", "ProgressBar", "is_main_process"]
+__all__ = [
+    "RNGState",
+    "EMAState",
+    "TrainingCheckpointer",
+    "TimeBudget",
+    "ReconstructionSaver",
+    "ProgressBar",
+    "is_main_process",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,28 @@ class RNGState:
         torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EMAState:
+    """The state of ignite's ``EMAHandler`` beyond the EMA weights, as a checkpointable object: the position of its
+    momentum warm-up scheduler. Without it a resumed run restarts the warm-up, and its EMA weights (the ones
+    inference uses) differ from an uninterrupted run's.
+
+    Args:
+        ema: the ``EMAHandler`` (attached to the trainer before the checkpoint is loaded).
+    """
+
+    def __init__(self, ema: Any) -> None:
+        self.ema = ema
+
+    def state_dict(self) -> dict[str, Any]:
+        scheduler = getattr(self.ema, "momentum_scheduler", None)
+        return {"event_index": int(scheduler.event_index)} if scheduler is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        scheduler = getattr(self.ema, "momentum_scheduler", None)
+        if scheduler is not None and "event_index" in state:
+            scheduler.event_index = int(state["event_index"])
 
 
 class TrainingCheckpointer:

@@ -358,9 +358,7 @@ class Evaluator:
             )
             for m in members
         }
-        for case, idx in tqdm(
-            self._my_cases(), desc=f"AnoFPDM ({forward}, seed {seed})", disable=not self.progress
-        ):
+        for case, idx in tqdm(self._my_cases(), desc=f"AnoFPDM ({forward}, seed {seed})", disable=not self.progress):
             todo = [m for m in members if not self.store.matches(m, seed, case, settings[m], len(idx))]
             if not todo:
                 continue
