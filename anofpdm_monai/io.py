@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "save_npz",
     "default_mode",
     "first_line",
+    "remove_stale_temporaries",
 ]
 
 
@@ -66,6 +68,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` leaves when its process is killed mid-write
+    (``.<name>.<random><suffix>`` next to each final path); returns what was removed. Call it only for outputs no
+    other running process is writing."""
+    removed = []
+    for path in paths:
+        path = Path(path)
+        if not path.parent.is_dir():
+            continue
+        for stale in path.parent.glob(f".{glob_escape(path.name)}.*"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
 
 
 def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:

@@ -190,11 +190,13 @@ def test_killed_rank_then_rerun_completes_only_what_is_missing(setup):
             proc.kill()
     finished = sorted(p.parent.name for p in out.glob("*/*_provenance.json"))
     assert 1 <= len(finished) <= 2, finished
+    (out / finished[0] / f".{finished[0]}_anomaly_map.nii.gz.x1y2z3.nii.gz").write_bytes(b"half")  # as a kill leaves
     _run("inference", overrides, True)
     summary = json.loads((out / "inference_summary.json").read_text())
     assert sorted(summary["skipped"]) == finished
     assert sorted(summary["done"] + summary["skipped"]) == sorted(p.name for p in out.iterdir() if p.is_dir())
     assert len(summary["done"] + summary["skipped"]) == 3 and not summary["failed"]
+    assert not [p for p in out.rglob(".*") if p.is_file()], "temporary files left behind"
     single = setup["root"] / "inference_single"
     if not (single / "inference_summary.json").is_file():  # when this test runs alone
         _run("inference", {**overrides, "output_dir": single}, False)

@@ -476,3 +476,31 @@ def test_inference_bundle_on_an_input_folder(model_files, tmp_path):
             assert img.shape == ref.shape
             np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
         assert (out / case / f"{case}_slices.csv").is_file()
+
+
+def test_an_unusable_label_does_not_fail_inference(cases, tmp_path, caplog):
+    """Inference does not need the label: a missing one, or one on another grid, is dropped with a warning and the
+    case's outputs equal those of the case given without a label; a bad image still fails the case."""
+    import logging
+
+    base = {k: v for k, v in cases["RAS"].items() if k != "label"}
+    small = nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    nib.save(small, tmp_path / "other_grid_seg.nii.gz")
+    entries = [
+        {**base, "id": "no_label"},
+        {**base, "id": "missing_label", "label": str(tmp_path / "nowhere_seg.nii.gz")},
+        {**base, "id": "other_grid_label", "label": str(tmp_path / "other_grid_seg.nii.gz")},
+        {**base, "id": "bad_image", "image": [str(tmp_path / "nowhere.nii.gz")] * 4, "label": base.get("image")[0]},
+    ]
+    vi = VolumeInferer(_tiny_net(), _inferer(), VolumePreprocessor(image_size=SIZE), progress=False)
+    with caplog.at_level(logging.WARNING):
+        summary = vi.run(entries, tmp_path / "out", raise_on_failure=False)
+    assert summary["done"] == ["no_label", "missing_label", "other_grid_label"]
+    assert list(summary["failed"]) == ["bad_image"] and "nowhere.nii.gz" in summary["failed"]["bad_image"]
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "missing_label: label not used" in warned and "other_grid_label: label not used" in warned
+    reference = np.asarray(nib.load(tmp_path / "out" / "no_label" / "no_label_anomaly_map.nii.gz").dataobj)
+    for case in ("missing_label", "other_grid_label"):
+        got = np.asarray(nib.load(tmp_path / "out" / case / f"{case}_anomaly_map.nii.gz").dataobj)
+        np.testing.assert_array_equal(got, reference)
+        assert "label" not in pd.read_csv(tmp_path / "out" / case / f"{case}_slices.csv").columns

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from monai.transforms import MapTransform
 
-from ..io import atomic_path, write_json
+from ..io import atomic_path, remove_stale_temporaries, write_json
 
 __all__ = ["write_nifti_like", "case_output_paths", "is_case_finished", "split_finished", "SaveCaseOutputsd"]
 
@@ -83,10 +83,12 @@ def split_finished(
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> tuple[list[Mapping[str, Any]], list[str]]:
-    """``(entries still to process, ids of finished cases skipped)``."""
+    """``(entries still to process, ids of finished cases skipped)``; temporary files a killed run left in the
+    cases' folders are removed on the way."""
     todo, skipped = [], []
     for entry in entries:
         case_id = str(entry.get("id", "<case>"))
+        remove_stale_temporaries(case_output_paths(output_dir, case_id).values())
         if not overwrite and is_case_finished(output_dir, case_id, provenance):
             skipped.append(case_id)
         else:

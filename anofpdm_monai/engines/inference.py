@@ -46,20 +46,37 @@ class CaseDataset(Dataset):
     """MONAI ``Dataset`` of whole cases (datalist entries with absolute paths) through the volume preprocessing.
 
     Each item is the preprocessed dict plus ``reference_file`` (the first image file, whose grid the outputs take),
-    ``source_index`` (RAS axial index -> input file index) and, with a label, ``slice_label`` (D,). A case that
-    cannot be preprocessed becomes ``{"id": ..., "error": "<one line naming the case and file>"}`` instead of
+    ``source_index`` (RAS axial index -> input file index) and, with a usable label, ``slice_label`` (D,); a label
+    that cannot be used is dropped with a warning (inference does not need it). A case that cannot be preprocessed
+    becomes ``{"id": ..., "error": "<one line naming the case and file>"}`` instead of
     stopping the run.
     """
 
     def __init__(self, data: Sequence[Mapping[str, Any]], transform: Callable | None = None) -> None:
         super().__init__(data=list(data), transform=transform)
 
+    def _preprocess(self, case: str, data: dict[str, Any]) -> dict[str, Any]:
+        """The preprocessed case; inference does not need the label, so a label that cannot be used (missing,
+        unreadable, on another grid) is dropped with a warning instead of failing the case."""
+        if self.transform is None:
+            return dict(data)
+        try:
+            return dict(self.transform(data))
+        except Exception as exc:
+            if "label" not in data:
+                raise
+            without = {k: v for k, v in data.items() if k != "label"}
+            out = dict(self.transform(without))  # fails again, with the image's own error, when the image is bad
+            reason = first_line(unwrap_transform_error(exc, case))
+            logger.warning("case %s: label not used (inference does not need it): %s", case, reason)
+            return out
+
     def _transform(self, index: int) -> dict[str, Any]:
         entry = self.data[index]
         case = str(entry.get("id", f"<case {index}>"))
         try:
             data = {k: v for k, v in entry.items() if k in _INPUT_KEYS and v is not None}
-            out = dict(self.transform(data) if self.transform is not None else data)
+            out = self._preprocess(case, data)
             out.pop("brain_mask", None)
             out["reference_file"] = _first_file(entry["image"])
             _, out["source_index"] = source_axial_index(out["image"])
