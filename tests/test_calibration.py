@@ -457,3 +457,37 @@ def test_run_calibration_needs_preprocessing_in_checkpoint(synthetic, tmp_path):
             timesteps=GRID,
             progress=False,
         )
+
+
+def test_format_1_files_still_load(tmp_path):
+    """Calibrations written before the settings object (flat option fields) load into the same record."""
+    old = {
+        "format": "anofpdm_monai.calibration/1",
+        "guidance_scale": 2.0,
+        "m_max": [0.012, 0.034],
+        "m_max_joint": 0.02,
+        "tau": 0.9731,
+        "timesteps": GRID,
+        "forward": "ddpm",
+        "reference": "null",
+        "divergence": "v1",
+        "end_step": "per_modality",
+        "quantile_range": [0.85, 0.97],
+        "map_modalities": ["flair", "t2"],
+        "map_channels": [0, 3],
+        "median_kernel": 3,
+        "min_component_size": 10,
+        "checkpoint_digest": "0123456789abcdef",
+        "created": "2026-01-01T00:00:00+00:00",
+    }
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    cal = Calibration.load(tmp_path / "old.json")
+    assert cal.settings == AnoFPDMSettings(
+        timesteps=GRID,
+        forward="ddpm",
+        divergence="v1",
+        quantile_range=(0.85, 0.97),
+        median_kernel=3,
+        min_component_size=10,
+    )
+    assert cal.timesteps == GRID and cal.m_max == [0.012, 0.034] and cal.format == CALIBRATION_FORMAT

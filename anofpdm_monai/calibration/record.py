@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +97,7 @@ class Calibration:
 
     # ------------------------------------------------------------------ file
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
-        out = json.loads(json.dumps(asdict(self) | {"settings": self.settings.to_dict()}, default=_json_default))
-        return out
+        return json.loads(json.dumps(asdict(self) | {"settings": self.settings.to_dict()}, default=_json_default))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON file atomically."""
@@ -117,11 +115,6 @@ class Calibration:
             data["settings"] = flat
             data["format"] = CALIBRATION_FORMAT
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        missing = [
-            f.name
-            for f in fields(cls)
-            if f.name not in known and f.default is f.default_factory  # type: ignore[misc]
-        ]
         required = ("settings", "guidance_scale", "m_max", "m_max_joint", "tau")
         missing = [k for k in required if k not in known]
         if missing:
