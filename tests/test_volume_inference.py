@@ -504,3 +504,43 @@ def test_an_unusable_label_does_not_fail_inference(cases, tmp_path, caplog):
         got = np.asarray(nib.load(tmp_path / "out" / case / f"{case}_anomaly_map.nii.gz").dataobj)
         np.testing.assert_array_equal(got, reference)
         assert "label" not in pd.read_csv(tmp_path / "out" / case / f"{case}_slices.csv").columns
+
+
+def test_input_folder_reports_unusable_cases_and_runs_the_others(tmp_path):
+    """A BraTS case folder missing a modality is one failed case with its reason, not a refused folder."""
+    from anofpdm_monai.apps.inference import cases_for_inference
+
+    anatomy = phantom_anatomy((32, 40, 24))
+    folder = tmp_path / "BraTS2021_Training_Data"
+    ids = ["BraTS2021_00001", "BraTS2021_00002", "BraTS2021_00003"]
+    for i, case in enumerate(ids):
+        make_case(anatomy, folder, case, num_lesions=1, seed=i, file_pattern="{case}_{modality}.nii.gz")
+    (folder / ids[1] / f"{ids[1]}_t1ce.nii.gz").unlink()
+    pre = VolumePreprocessor(modalities=BRATS, image_size=SIZE)
+    entries = cases_for_inference(pre, input_dir=folder)
+    assert [e["id"] for e in entries] == ids and "t1ce" in entries[1]["error"]
+    vi = VolumeInferer(_tiny_net(), _inferer(), pre, progress=False)
+    summary = vi.run(entries, tmp_path / "out", raise_on_failure=False)
+    assert summary["done"] == [ids[0], ids[2]]
+    assert list(summary["failed"]) == [ids[1]] and "missing t1ce file" in summary["failed"][ids[1]]
+    assert not (tmp_path / "out" / ids[1]).exists()
+
+
+def test_atlas_folder_reports_sessions_without_t1w_and_unsafe_ids(tmp_path):
+    from anofpdm_monai.data.datalist import DatalistError, datalist_from_folder
+
+    anat = tmp_path / "R001" / "sub-r001s001" / "ses-1" / "anat"
+    anat.mkdir(parents=True)
+    image = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    nib.save(image, anat / "sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz")
+    empty = tmp_path / "R001" / "sub-r001s002" / "ses-1" / "anat"
+    empty.mkdir(parents=True)
+    odd = tmp_path / "R001" / "sub-r001 s003" / "ses-1" / "anat"
+    odd.mkdir(parents=True)
+    nib.save(image, odd / "sub-r001 s003_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz")
+    with pytest.raises(DatalistError, match="not filesystem-safe"):
+        datalist_from_folder(tmp_path, layout="atlas2")  # a datalist for training still refuses the folder
+    dl = datalist_from_folder(tmp_path, layout="atlas2", report_unusable=True)
+    assert [e["id"] for e in dl["test"]] == ["sub-r001s001_ses-1"]
+    assert "no T1w image" in dl["unusable"]["sub-r001s002_ses-1"]
+    assert "not filesystem-safe" in dl["unusable"]["sub-r001 s003_ses-1"]

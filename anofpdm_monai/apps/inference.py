@@ -94,11 +94,13 @@ def cases_for_inference(
     dataset_dir: str | os.PathLike | None = None,
     split: str = "test",
 ) -> list[dict[str, Any]]:
-    """The cases to run: every case of ``input_dir`` (found by its layout), else ``datalist[split]`` after checking
-    that the datalist's modalities are the model's."""
+    """The cases to run: every case of ``input_dir`` (found by its layout; a case folder that cannot be used becomes
+    an entry with an ``error``, reported as a failed case), else ``datalist[split]`` after checking that the
+    datalist's modalities are the model's."""
     if input_dir:
-        folder = datalist_from_folder(input_dir, modalities=preprocessor.modalities)
-        return list(folder["test"])
+        folder = datalist_from_folder(input_dir, modalities=preprocessor.modalities, report_unusable=True)
+        failed = [{"id": case, "error": reason} for case, reason in folder["unusable"].items()]
+        return sorted([*folder["test"], *failed], key=lambda e: str(e["id"]))
     if datalist is None:
         raise ValueError("give input_dir or a datalist")
     content = load_datalist(datalist, dataset_dir, None) if not isinstance(datalist, Mapping) else datalist

@@ -363,8 +363,18 @@ def _resolve_modalities(layout: str, modalities: Sequence[str] | str | None) -> 
     return resolved
 
 
-def _scan(layout: str, root: str | os.PathLike, modalities: Sequence[str] | str | None) -> tuple[list[str], list]:
+def _scan(
+    layout: str,
+    root: str | os.PathLike,
+    modalities: Sequence[str] | str | None,
+    problems: dict[str, str] | None = None,
+) -> tuple[list[str], list]:
     """Find every case of ``layout`` under ``root``.
+
+    Args:
+        problems: when given, a case that cannot be used (a missing modality file, an id that is not
+            filesystem-safe, an ATLAS session folder without a T1w image) is recorded here (id -> one-line reason)
+            and left out, instead of raising :class:`DatalistError` for the whole folder.
 
     Returns:
         the canonical modality names and a list of ``(patient id, entry)`` sorted by entry id, with entry paths
@@ -380,10 +390,28 @@ def _scan(layout: str, root: str | os.PathLike, modalities: Sequence[str] | str 
 
     cases: list[tuple[str, dict]] = []
     origin: dict[str, Path] = {}
+
+    def unusable(case_id: str, reason: str) -> None:
+        if problems is None:
+            raise DatalistError(reason)
+        problems[case_id] = reason
+
+    if layout == "atlas2" and problems is not None:
+        sessions = (a for a in root.rglob("anat") if a.parent.name.startswith("ses-"))
+        for anat in sorted(a for a in sessions if a.is_dir() and a.parent.parent.name.startswith("sub-")):
+            if not any(f.name.endswith(tuple(f"_T1w{x}" for x in _NIFTI_SUFFIXES)) for f in anat.iterdir()):
+                case_id = f"{anat.parent.parent.name}_{anat.parent.name}"
+                unusable(case_id, f"no T1w image (*_T1w.nii.gz) in ATLAS session folder {anat}")
     for case_id, location in _candidates(layout, root):
         if case_id in origin:
             raise DatalistError(f"case id {case_id} found twice under {root}: {origin[case_id]} and {location}")
         origin[case_id] = location
+        if not _SAFE_ID.match(case_id):
+            unusable(
+                case_id,
+                f"case id {case_id!r} (from {location}) is not filesystem-safe (letters, digits, '_', '.', '+', '-')",
+            )
+            continue
         if layout == "atlas2":
             files = [location]
             prefix = location.name[: location.name.rindex("_T1w")]
@@ -394,16 +422,20 @@ def _scan(layout: str, root: str | os.PathLike, modalities: Sequence[str] | str 
                 stem = _file_stem(layout, case_id, spellings[name])
                 file = _find_nifti(location, stem)
                 if file is None:
-                    raise DatalistError(
-                        f"missing {name} file {location / stem}.nii.gz (or .nii) in {layout} case folder {location}"
+                    unusable(
+                        case_id,
+                        f"missing {name} file {location / stem}.nii.gz (or .nii) in {layout} case folder {location}",
                     )
+                    break
                 files.append(file)
+            if len(files) < len(names):
+                continue
             label = _find_nifti(location, _file_stem(layout, case_id, "seg"))
         entry: dict[str, Any] = {"id": case_id, "image": [rel(f) for f in files]}
         if label is not None:
             entry["label"] = rel(label)
         cases.append((patient_id(layout, case_id), entry))
-    if not cases:
+    if not cases and not problems:
         raise DatalistError(f"no {layout} cases under {root} (expected {_EXPECTED[layout]})")
     cases.sort(key=lambda c: c[1]["id"])
     return names, cases
@@ -532,6 +564,7 @@ def datalist_from_folder(
     modalities: Sequence[str] | None = None,
     layout: str | None = None,
     relative: bool = False,
+    report_unusable: bool = False,
 ) -> dict:
     """A datalist of every case in a folder, all in ``test``: for inference without a datalist file.
 
@@ -541,6 +574,8 @@ def datalist_from_folder(
         layout: one of :data:`LAYOUTS`; detected with :func:`detect_layout` when None.
         relative: keep paths relative to ``root`` (the datalist file format) instead of joining them onto ``root``
             (ready to load, as :func:`load_datalist` with ``dataset_dir=root`` gives).
+        report_unusable: list the cases that cannot be used (missing modality, unsafe id, ATLAS session without T1w)
+            under ``"unusable"`` (id -> one-line reason) instead of refusing the whole folder.
 
     Returns:
         a datalist with empty ``training`` and ``validation`` and every case, sorted by id, in ``test``.
@@ -549,7 +584,8 @@ def datalist_from_folder(
         DatalistError: as :func:`detect_layout` and :func:`build_datalist`.
     """
     layout = detect_layout(root) if layout is None else layout
-    names, cases = _scan(layout, root, modalities)
+    problems: dict[str, str] | None = {} if report_unusable else None
+    names, cases = _scan(layout, root, modalities, problems)
     entries = [entry for _, entry in cases]
     if not relative:
         base = Path(root).expanduser()
@@ -566,4 +602,7 @@ def datalist_from_folder(
         "validation": [],
         "test": entries,
     }
-    return validate_datalist(datalist, source=f"{layout} datalist of {root}")
+    validate_datalist(datalist, source=f"{layout} datalist of {root}")
+    if problems is not None:
+        datalist["unusable"] = dict(sorted(problems.items()))
+    return datalist

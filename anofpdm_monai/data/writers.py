@@ -88,6 +88,9 @@ def split_finished(
     todo, skipped = [], []
     for entry in entries:
         case_id = str(entry.get("id", "<case>"))
+        if entry.get("error"):  # an unusable case (its id may not even be a safe folder name): reported, not touched
+            todo.append(entry)
+            continue
         remove_stale_temporaries(case_output_paths(output_dir, case_id).values())
         if not overwrite and is_case_finished(output_dir, case_id, provenance):
             skipped.append(case_id)

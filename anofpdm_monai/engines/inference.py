@@ -74,6 +74,8 @@ class CaseDataset(Dataset):
     def _transform(self, index: int) -> dict[str, Any]:
         entry = self.data[index]
         case = str(entry.get("id", f"<case {index}>"))
+        if entry.get("error"):  # found unusable before loading (e.g. by the input folder discovery)
+            return {"id": case, "error": str(entry["error"])}
         try:
             data = {k: v for k, v in entry.items() if k in _INPUT_KEYS and v is not None}
             out = self._preprocess(case, data)
