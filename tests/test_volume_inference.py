@@ -544,3 +544,43 @@ def test_atlas_folder_reports_sessions_without_t1w_and_unsafe_ids(tmp_path):
     assert [e["id"] for e in dl["test"]] == ["sub-r001s001_ses-1"]
     assert "no T1w image" in dl["unusable"]["sub-r001s002_ses-1"]
     assert "not filesystem-safe" in dl["unusable"]["sub-r001 s003_ses-1"]
+
+
+def _inference_bundle(overrides: dict, cwd: Path) -> subprocess.CompletedProcess:
+    files = [str(REPO / "bundles" / "anofpdm_brats21" / "configs" / "dataset.json")]
+    files.append(str(REPO / "bundles" / "common" / "configs" / "inference.json"))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files)]
+    cmd += [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bundle_ends_with_one_line_and_an_exit_status(model_files, tmp_path):
+    """Could not start: exit 2 and one line naming the file; some cases failed: exit 3 after every case; --debug true
+    keeps the traceback."""
+    anatomy = phantom_anatomy((32, 40, 24))
+    folder = tmp_path / "BraTS2021_Training_Data"
+    ids = ["BraTS2021_00001", "BraTS2021_00002"]
+    for i, case in enumerate(ids):
+        make_case(anatomy, folder, case, num_lesions=1, seed=i, file_pattern="{case}_{modality}.nii.gz")
+    (folder / ids[1] / f"{ids[1]}_t2.nii.gz").unlink()
+    base = {"input_dir": folder, "checkpoint": model_files["checkpoint"], "progress": False}
+
+    missing = tmp_path / "no_calibration.json"
+    proc = _inference_bundle({**base, "calibration": missing, "output_dir": tmp_path / "a"}, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: CalibrationError: calibration file not found: {missing}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = _inference_bundle({**base, "calibration": missing, "output_dir": tmp_path / "a", "debug": True}, tmp_path)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+    out = tmp_path / "b"
+    proc = _inference_bundle({**base, "calibration": model_files["calibration"], "output_dir": out}, tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "error: InferenceFailures: 1 of 2 case(s) failed: BraTS2021_00002: missing t2 file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert summary["done"] == [ids[0]] and list(summary["failed"]) == [ids[1]]
