@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.networks.layers import median_filter
 from monai.transforms import MapTransform
 from scipy import ndimage
@@ -150,9 +151,7 @@ def _as_slices(volume: Any) -> torch.Tensor:
 def _as_volume(slices: torch.Tensor, like: Any) -> Any:
     """(D, H, W) slice batch -> (1, H, W, D), keeping ``like``'s MetaTensor metadata."""
     out = slices.permute(1, 2, 0)[None].contiguous()
-    if hasattr(like, "copy_meta_from"):
-        from monai.data import MetaTensor
-
+    if isinstance(like, MetaTensor):
         out = MetaTensor(out, meta=dict(like.meta), applied_operations=list(like.applied_operations))
     return out
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,6 @@ class Evaluator:
     def tune(self) -> dict[str, Any]:
         """Tune the pixel-label methods on the validation split (cached in ``tuning.json``)."""
         state = self._tuning()
-        gt = self._ground_truth(self.val)
         for method in self.methods:
             if not METHODS[method].pixel_labels:
                 continue
@@ -265,16 +265,16 @@ class Evaluator:
             best: dict[str, Any] = {"val_dice": -1.0}
             if method == "anofpdm_tuned":
                 maps = self._val_maps(self._from_calibration(cal, self.seeds[0]))
-                thr, dice = self._tune(maps, gt)
+                thr, dice = self._tune(maps)
                 best = {"threshold": thr, "val_dice": dice}
             elif method == "intensity":
                 maps = self._val_maps(self._intensity(None))
-                thr, dice = self._tune(maps, gt)
+                thr, dice = self._tune(maps)
                 best = {"threshold": thr, "val_dice": dice}
             else:
                 for t in self.noise_levels:
                     maps = self._val_maps(self._baseline(method, t, None, self.seeds[0]))
-                    thr, dice = self._tune(maps, gt)
+                    thr, dice = self._tune(maps)
                     if dice > best["val_dice"]:
                         best = {"noise_level": t, "threshold": thr, "val_dice": dice}
             if cal_key is not None:
@@ -283,7 +283,13 @@ class Evaluator:
             self._save_tuning(state)
         return state
 
-    def _tune(self, maps: np.ndarray, gt: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    @cached_property
+    def _val_truth(self) -> dict[str, np.ndarray]:
+        """Pixel labels and brain masks of the validation split, read once (only when something is tuned)."""
+        return self._ground_truth(self.val)
+
+    def _tune(self, maps: np.ndarray) -> tuple[float, float]:
+        gt = self._val_truth
         candidates = threshold_candidates(maps, gt["brain"])
         return tune_threshold(maps, gt["label"], candidates, self.min_component_size, self.tuning_objective)
 
@@ -440,11 +446,12 @@ class Evaluator:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rank, _ = rank_and_world()
         if rank == 0:
-            self.tune()
+            tuning = self.tune()
             for forward in self._forwards():
                 self.anofpdm_calibration(forward)
         barrier()
-        tuning = self.tune()  # every rank: read back (nothing left to compute)
+        if rank != 0:
+            tuning = self.tune()  # read back what rank 0 wrote (nothing left to compute)
         for seed in self.seeds:
             groups = {"ddim": [m for m in ("anofpdm", "anofpdm_tuned", "anofpdm_last") if m in self.methods]}
             groups["ddpm"] = ["anofpdm_ddpm"] if "anofpdm_ddpm" in self.methods else []
