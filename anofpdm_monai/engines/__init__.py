@@ -1,6 +1,6 @@
-"""MONAI engine pieces: for training (the classifier-free prepare-batch, the class-conditioned training inferer,
-checkpoints, RNG state, time budget, reconstruction previews, progress bar) and for volume inference (case dataset,
-case evaluator, prepare-batch, summary)."""
+"""MONAI engine pieces: for training (the classifier-free prepare-batch, the class-conditioned training inferer, the
+noisy prepare-batch of the slice classifier, checkpoints, RNG state, time budget, reconstruction previews, progress
+bar) and for volume inference (case dataset, case evaluator, prepare-batch, summary)."""
 
 from .handlers import (
     EMAState,
@@ -12,11 +12,17 @@ from .handlers import (
     is_main_process,
 )
 from .inference import CaseDataset, CaseEvaluator, InferenceFailures, InferenceSummary, VolumePrepareBatch
-from .prepare_batch import ClassConditionedDiffusionInferer, ClassifierFreePrepareBatch, SliceLabelPrepareBatch
+from .prepare_batch import (
+    ClassConditionedDiffusionInferer,
+    ClassifierFreePrepareBatch,
+    NoisyClassifierPrepareBatch,
+    SliceLabelPrepareBatch,
+)
 
 __all__ = [
     "ClassifierFreePrepareBatch",
     "ClassConditionedDiffusionInferer",
+    "NoisyClassifierPrepareBatch",
     "SliceLabelPrepareBatch",
     "EMAState",
     "ProgressBar",

@@ -1,5 +1,5 @@
-"""Batches for MONAI engines: classifier-free-guidance training batches, and slice batches with their image-level
-labels (the calibration evaluator)."""
+"""Batches for MONAI engines: classifier-free-guidance training batches, noisy slice batches of the noise-conditioned
+classifier, and slice batches with their image-level labels (the calibration evaluator)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ from monai.engines.utils import DiffusionPrepareBatch
 from monai.inferers import DiffusionInferer
 
 from ..networks.unet import NULL
+from ..schedule import NoiseSchedule
 
-__all__ = ["ClassifierFreePrepareBatch", "ClassConditionedDiffusionInferer", "SliceLabelPrepareBatch"]
+__all__ = [
+    "ClassifierFreePrepareBatch",
+    "ClassConditionedDiffusionInferer",
+    "NoisyClassifierPrepareBatch",
+    "SliceLabelPrepareBatch",
+]
 
 
 def _rank() -> int:
@@ -145,6 +151,55 @@ class ClassConditionedDiffusionInferer(DiffusionInferer):
             raise ValueError("class_labels are required for the class-conditioned network")
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
         return diffusion_model(noisy, timesteps=timesteps, class_labels=class_labels)
+
+
+class NoisyClassifierPrepareBatch(ClassifierFreePrepareBatch):
+    """Batches of the noise-conditioned slice classifier: each slice noised to a uniformly drawn step,
+    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with the diffusion model's schedule, and its slice label (0
+    healthy, 1 unhealthy) as the target.
+
+    Returns ``(x_t, labels, (), {"timesteps": t})``, so that MONAI's ``SimpleInferer`` calls
+    ``classifier(x_t, timesteps=t)``. Timesteps and noise come from the private generator of
+    :class:`ClassifierFreePrepareBatch` (``seed`` for a validation accuracy that is comparable between evaluations,
+    ``state_dict`` for exact resumption).
+
+    Args:
+        schedule: the diffusion model's :class:`~anofpdm_monai.schedule.NoiseSchedule`.
+        label_key: batch key of the slice labels.
+        seed: restart seed for deterministic (validation) batches.
+        max_timestep: draw t from [0, max_timestep) instead of [0, T).
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        label_key: str = "class_label",
+        seed: int | None = None,
+        max_timestep: int | None = None,
+    ) -> None:
+        super().__init__(
+            num_train_timesteps=schedule.num_train_timesteps,
+            label_key=label_key,
+            p_uncond=0.0,
+            seed=seed,
+            max_timestep=max_timestep,
+        )
+        self.schedule = schedule
+
+    def __call__(  # type: ignore[override]
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        if not isinstance(batchdata, Mapping) or self.label_key not in batchdata:
+            raise KeyError(f"batch must be a dict with key '{self.label_key}' (slice labels)")
+        images = torch.as_tensor(batchdata["image"]).to(device=device, non_blocking=non_blocking)
+        timesteps = self.get_timesteps(images)
+        x_t = self.schedule.q_sample(images, timesteps, self.get_noise(images))
+        labels = torch.as_tensor(batchdata[self.label_key]).reshape(-1).long().to(images.device)
+        return x_t, labels, (), {"timesteps": timesteps}
 
 
 class SliceLabelPrepareBatch:

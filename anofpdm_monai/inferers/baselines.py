@@ -5,14 +5,16 @@
 - ``ddim``: unguided DDIM: DDIM inversion to t with the null label, DDIM decoding with the null label;
 - ``ddim_cfg``: DDIM with classifier-free guidance (Sanchez et al. 2022): DDIM inversion with the null label,
   decoding with healthy guidance w;
+- ``ddim_clf``: DDIM with classifier guidance (Wolleb et al. 2022): DDIM inversion with the null label, decoding
+  with the null label guided toward "healthy" by a separately trained noise-conditioned classifier
+  (:class:`~anofpdm_monai.networks.AnoFPDMClassifier`) with scale s;
 - ``intensity``: the intensity floor: the map is one channel's intensity (e.g. FLAIR, where tumours and oedema are
   bright), which every learned method must beat.
 
 The anomaly map of a reconstruction method is the squared difference between input and reconstruction, averaged
 over the map modalities. All methods share AnoFPDM's post-processing (5x5 median filter, components of <= 40 px
 removed). Their noise level and threshold are tuned on the validation split WITH pixel labels, as in the papers
-(:func:`anofpdm_monai.evaluation.tune_threshold`); AnoFPDM itself uses only its image-level calibration. DDIM with
-classifier guidance needs a separately trained classifier and is not included.
+(:func:`anofpdm_monai.evaluation.tune_threshold`); AnoFPDM itself uses only its image-level calibration.
 """
 
 from __future__ import annotations
@@ -33,12 +35,20 @@ from .reconstruction import ddim_decode, ddim_encode, ddpm_decode, reconstructio
 
 __all__ = [
     "BASELINE_METHODS",
+    "DEFAULT_CLASSIFIER_SCALE",
+    "DEFAULT_CLASSIFIER_SCALES",
     "BaselineOutput",
     "ReconstructionInferer",
     "IntensityInferer",
 ]
 
-BASELINE_METHODS = ("anoddpm", "ddim", "ddim_cfg", "intensity")
+BASELINE_METHODS = ("anoddpm", "ddim", "ddim_cfg", "ddim_clf", "intensity")
+RECONSTRUCTION_METHODS = ("anoddpm", "ddim", "ddim_cfg", "ddim_clf")
+
+#: classifier-guidance scale s of ``ddim_clf`` when none is tuned (the official code's value at 128 x 128), and the
+#: candidates the evaluation tunes it from
+DEFAULT_CLASSIFIER_SCALE = 100.0
+DEFAULT_CLASSIFIER_SCALES = (10.0, 50.0, 100.0)
 
 
 @dataclass
@@ -54,13 +64,16 @@ class BaselineOutput:
 
 
 class ReconstructionInferer(Inferer):
-    """Reconstruction-based anomaly maps: AnoDDPM, DDIM and DDIM with classifier-free guidance.
+    """Reconstruction-based anomaly maps: AnoDDPM, DDIM, DDIM with classifier-free guidance and DDIM with classifier
+    guidance.
 
     Args:
-        method: ``"anoddpm"``, ``"ddim"`` or ``"ddim_cfg"``.
+        method: ``"anoddpm"``, ``"ddim"``, ``"ddim_cfg"`` or ``"ddim_clf"``.
         noise_level: t the slice is noised or inverted to.
         num_steps: sampling steps between 0 and t (None: every step, as the original methods).
         guidance_scale: w of the healthy guidance (``ddim_cfg`` only).
+        classifier: the noise-conditioned healthy/unhealthy classifier (``ddim_clf`` only, required there).
+        classifier_scale: s of the classifier guidance (``ddim_clf`` only).
         map_channels: channels averaged into the map.
         threshold: map threshold (tuned on validation data); None gives maps only (empty masks).
         median_kernel: median filter size; min_component_size: components of at most this size are removed.
@@ -75,6 +88,8 @@ class ReconstructionInferer(Inferer):
         noise_level: int,
         num_steps: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        classifier: nn.Module | None = None,
+        classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
         map_channels: Sequence[int] = (0,),
         threshold: float | None = None,
         median_kernel: int = 5,
@@ -84,8 +99,12 @@ class ReconstructionInferer(Inferer):
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if method not in ("anoddpm", "ddim", "ddim_cfg"):
-            raise ValueError(f"method must be 'anoddpm', 'ddim' or 'ddim_cfg', got {method!r}")
+        if method not in RECONSTRUCTION_METHODS:
+            raise ValueError(f"method must be one of {list(RECONSTRUCTION_METHODS)}, got {method!r}")
+        if method == "ddim_clf" and classifier is None:
+            raise ValueError("method 'ddim_clf' needs a classifier")
+        if not classifier_scale >= 0:
+            raise ValueError(f"classifier_scale must be >= 0, got {classifier_scale}")
         self.schedule = schedule or NoiseSchedule()
         if not 0 < int(noise_level) < self.schedule.num_train_timesteps:
             raise ValueError(f"noise_level must be in (0, {self.schedule.num_train_timesteps}), got {noise_level}")
@@ -95,6 +114,8 @@ class ReconstructionInferer(Inferer):
         self.noise_level = int(noise_level)
         self.num_steps = num_steps
         self.guidance_scale = float(guidance_scale)
+        self.classifier = classifier
+        self.classifier_scale = float(classifier_scale)
         self.map_channels = [int(c) for c in map_channels]
         self.threshold = threshold
         self.median_kernel = median_kernel
@@ -116,6 +137,18 @@ class ReconstructionInferer(Inferer):
         x_t = ddim_encode(network, x0, self.schedule, grid, label=NULL, autocast_dtype=amp)
         if self.method == "ddim":
             return ddim_decode(network, x_t, self.schedule, grid, label=NULL, autocast_dtype=amp)
+        if self.method == "ddim_clf":
+            return ddim_decode(
+                network,
+                x_t,
+                self.schedule,
+                grid,
+                label=NULL,
+                autocast_dtype=amp,
+                classifier=self.classifier,
+                classifier_scale=self.classifier_scale,
+                classifier_label=HEALTHY,
+            )
         return ddim_decode(
             network, x_t, self.schedule, grid, label=HEALTHY, guidance_scale=self.guidance_scale, autocast_dtype=amp
         )
@@ -126,12 +159,15 @@ class ReconstructionInferer(Inferer):
         return diff.mean(dim=1)
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> BaselineOutput:  # type: ignore[override]
-        was_training = getattr(network, "training", False)
-        network.eval()
+        modules = [m for m in (network, self.classifier) if m is not None]
+        was_training = [getattr(m, "training", False) for m in modules]
+        for m in modules:
+            m.eval()
         try:
             recon = self.reconstruct(inputs, network)
         finally:
-            network.train(was_training)
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
         return _finish(
             self.anomaly_map(inputs, recon), self.threshold, self.median_kernel, self.min_component_size, recon
         )

@@ -1,7 +1,9 @@
 """Reconstruction-based sampling used by the baselines and by the training-time reconstruction previews.
 
 All loops run over explicit ``(t, t_next)`` pairs of our own grid with float64 schedule coefficients (see
-:mod:`.schedule`), calling the class-conditioned network as ``network(x, timesteps=t, class_labels=y)``.
+:mod:`.schedule`), calling the class-conditioned network as ``network(x, timesteps=t, class_labels=y)``. The DDIM
+decoding can also be guided by a noise-conditioned classifier (``classifier(x, timesteps=t)`` -> logits), as in
+Dhariwal & Nichol's guided DDIM used by Wolleb et al.: ``eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x_t)``.
 """
 
 from __future__ import annotations
@@ -11,10 +13,18 @@ from contextlib import nullcontext
 
 import torch
 
-from ..networks.unet import NULL
+from ..networks.unet import HEALTHY, NULL
 from ..schedule import NoiseSchedule, classifier_free_guidance
 
-__all__ = ["reconstruction_grid", "guided_eps", "ddim_encode", "ddim_decode", "ddpm_decode"]
+__all__ = [
+    "reconstruction_grid",
+    "guided_eps",
+    "classifier_log_prob_gradient",
+    "classifier_guided_eps",
+    "ddim_encode",
+    "ddim_decode",
+    "ddpm_decode",
+]
 
 
 def reconstruction_grid(t_end: int, num_steps: int | None = None) -> list[int]:
@@ -51,6 +61,42 @@ def guided_eps(
     return classifier_free_guidance(eps[:B], eps[B:], guidance_scale)
 
 
+def classifier_log_prob_gradient(
+    classifier: Callable[..., torch.Tensor],
+    x_t: torch.Tensor,
+    t: int,
+    label: int = HEALTHY,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``grad_x log p(label | x_t, t)`` of a classifier returning logits, one gradient per sample (the samples of a
+    batch do not interact in the classifier, so the gradient of the summed log-probabilities is per sample)."""
+    amp = torch.autocast(device_type=x_t.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with torch.enable_grad():
+        x = x_t.detach().to(NoiseSchedule.working_dtype(x_t)).requires_grad_(True)
+        t_b = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        with amp:
+            logits = classifier(x, timesteps=t_b)
+        log_prob = torch.log_softmax(logits.to(x.dtype), dim=-1)[:, label]
+        (grad,) = torch.autograd.grad(log_prob.sum(), x)
+    return grad
+
+
+def classifier_guided_eps(
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int,
+    schedule: NoiseSchedule,
+    classifier: Callable[..., torch.Tensor],
+    scale: float,
+    label: int = HEALTHY,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The classifier-guided noise ``eps - scale sqrt(1 - abar_t) grad_x log p(label | x_t, t)`` (Dhariwal & Nichol,
+    guided DDIM; the score of ``p(x_t) p(label | x_t)^scale``)."""
+    grad = classifier_log_prob_gradient(classifier, x_t, t, label, autocast_dtype)
+    return eps - float(scale) * schedule.sqrt_one_minus_alpha_bar(t, x_t) * grad
+
+
 @torch.no_grad()
 def ddim_encode(
     network: Callable[..., torch.Tensor],
@@ -82,21 +128,35 @@ def ddim_decode(
     guidance_scale: float | None = None,
     clip: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    classifier: Callable[..., torch.Tensor] | None = None,
+    classifier_scale: float = 0.0,
+    classifier_label: int = HEALTHY,
 ) -> torch.Tensor:
     """Deterministic DDIM decoding from step ``grid[-1]`` down the grid; returns the x0 prediction at ``grid[0]``.
 
     Args:
         label: class label of the decoder (``HEALTHY`` for healthy-guided reconstruction, ``NULL`` unguided).
         guidance_scale: classifier-free guidance w for ``label`` (None: plain conditional/unconditional).
+        classifier: a noise-conditioned classifier; every noise prediction (the last one at ``grid[0]`` too) is
+            then guided toward ``classifier_label`` with scale ``classifier_scale`` (:func:`classifier_guided_eps`).
     """
+
+    def noise(x: torch.Tensor, t: int) -> torch.Tensor:
+        eps = guided_eps(network, x, t, label, guidance_scale, autocast_dtype)
+        if classifier is None:
+            return eps
+        return classifier_guided_eps(
+            eps, x, t, schedule, classifier, classifier_scale, classifier_label, autocast_dtype
+        )
+
     x = x_t.float()
     steps = list(reversed(grid))
     x0_hat = x
     for t, t_prev in zip(steps[:-1], steps[1:]):
-        eps = guided_eps(network, x, t, label, guidance_scale, autocast_dtype)
+        eps = noise(x, t)
         x0_hat = schedule.predict_x0(x, t, eps, clip=clip)
         x = schedule.ddim_move(x0_hat, eps, t_prev)
-    eps = guided_eps(network, x, steps[-1], label, guidance_scale, autocast_dtype)
+    eps = noise(x, steps[-1])
     return schedule.predict_x0(x, steps[-1], eps, clip=clip)
 
 

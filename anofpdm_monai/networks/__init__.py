@@ -1,4 +1,5 @@
-"""Networks: the class-conditioned MONAI DiffusionModelUNet and checkpoint I/O."""
+"""Networks: the class-conditioned MONAI DiffusionModelUNet, the noise-conditioned slice classifier (MONAI's
+DiffusionModelEncoder) and checkpoint I/O."""
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -11,6 +12,7 @@ from .checkpoint import (
     save_checkpoint,
     unwrap,
 )
+from .classifier import NUM_CLASSES, AnoFPDMClassifier, build_classifier, checkpoint_setup, load_classifier
 from .unet import (
     CONDITIONING_MODES,
     HEALTHY,
@@ -32,6 +34,11 @@ __all__ = [
     "load_weights",
     "save_checkpoint",
     "unwrap",
+    "NUM_CLASSES",
+    "AnoFPDMClassifier",
+    "build_classifier",
+    "checkpoint_setup",
+    "load_classifier",
     "CONDITIONING_MODES",
     "HEALTHY",
     "NETWORK_PRESETS",
