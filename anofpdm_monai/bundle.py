@@ -21,6 +21,7 @@ __all__ = ["WORKFLOWS", "bundle_root", "repository_root", "config_files", "run_w
 WORKFLOWS = (
     "train",
     "multi_gpu_train",
+    "train_classifier",
     "calibrate",
     "multi_gpu_calibrate",
     "inference",

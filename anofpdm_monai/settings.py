@@ -25,8 +25,10 @@ __all__ = [
     "DIVERGENCES",
     "END_STEPS",
     "AGGREGATIONS",
+    "HEALTH_SCORES",
     "CALIBRATED_FIELDS",
     "check_choice",
+    "check_guidance_scale",
 ]
 
 #: w used when no calibration chose one (the papers' BraTS value)
@@ -41,9 +43,22 @@ REFERENCES = ("null", "healthy")
 DIVERGENCES = ("v2", "v1")
 END_STEPS = ("per_modality", "joint")
 AGGREGATIONS = ("mean", "last")
+#: slice health scores (anofpdm_monai/inferers/health.py); "cosine" is the papers'
+HEALTH_SCORES = ("cosine", "mse_gap", "divergence")
 
 #: the options calibrated constants depend on: a calibration is refused for a setting that differs in one of them
-CALIBRATED_FIELDS = ("timesteps", "forward", "reference", "divergence", "end_step", "clip")
+CALIBRATED_FIELDS = ("timesteps", "forward", "reference", "divergence", "end_step", "clip", "health_score")
+
+
+def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
+    """``value`` as a float; a one-line ``ValueError`` naming ``name`` unless it is a finite number > 0."""
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(w) or w <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return w
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -70,6 +85,8 @@ class AnoFPDMSettings:
         min_component_size: mask components of at most this many pixels are removed (40 px at 128 x 128; scale it
             with the resolution, see :func:`anofpdm_monai.postprocessing.scaled_min_component_size`).
         clip: clip x0 predictions to [-1, 1].
+        health_score: the slice health score compared with the calibrated tau (``"cosine"``, the papers';
+            ``"mse_gap"``; ``"divergence"``; see :mod:`anofpdm_monai.inferers.health`).
     """
 
     t_max: int = 599
@@ -84,6 +101,7 @@ class AnoFPDMSettings:
     median_kernel: int = 5
     min_component_size: int = 40
     clip: bool = True
+    health_score: str = "cosine"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise types once, here
@@ -99,6 +117,7 @@ class AnoFPDMSettings:
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_choice("end_step", self.end_step, END_STEPS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("health_score", self.health_score, HEALTH_SCORES)
         q = tuple(float(v) for v in self.quantile_range)
         if len(q) != 2 or not all(math.isfinite(v) for v in q) or not 0.0 <= q[0] <= q[1] <= 1.0:
             raise ValueError(f"quantile_range must be (a, b) with 0 <= a <= b <= 1, got {list(self.quantile_range)}")
@@ -134,9 +153,17 @@ class AnoFPDMSettings:
                 f"unknown AnoFPDM option(s) {unknown}; options: {[f.name for f in dataclasses.fields(self)]}"
             )
         if ("t_max" in changes or "stride" in changes) and "timesteps" not in changes and self.timesteps is not None:
+            # a partial grid override keeps the other field of the explicit grid: its last step, or its spacing
             grid = self.timesteps
             changes.setdefault("t_max", grid[-1])
-            changes.setdefault("stride", 1)
+            if "stride" not in changes:
+                spacing = {b - a for a, b in zip(grid, grid[1:])}
+                if grid[0] != 0 or len(spacing) > 1:
+                    raise ValueError(
+                        f"t_max alone cannot change the grid {_short(grid)}, which is not 0, s, 2s, ...: "
+                        "give stride too, or timesteps"
+                    )
+                changes["stride"] = spacing.pop() if spacing else 1
             changes["timesteps"] = None
         return dataclasses.replace(self, **changes)
 

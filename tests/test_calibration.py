@@ -121,7 +121,7 @@ def _statistics(labels, cosine, div, div_joint, ws=(1.0, 3.0)):
         guidance_scales=np.asarray(ws, dtype=np.float64),
         divergence_max=np.asarray(div, dtype=np.float64),
         divergence_max_joint=np.asarray(div_joint, dtype=np.float64),
-        cosine=np.asarray(cosine, dtype=np.float64),
+        score=np.asarray(cosine, dtype=np.float64),
         labels=np.asarray(labels),
     )
 
@@ -231,12 +231,12 @@ def test_one_pass_sweep_equals_separate_runs(forward):
     joint = collect_statistics(net, inferer, batches, ws, progress=False)
     assert net.calls == len(batches) * len(GRID)  # one batched call per step, whatever the number of w
     assert joint.divergence_max.shape == (3, 6, 2)
-    assert joint.cosine.shape == joint.divergence_max_joint.shape == (3, 6)
+    assert joint.score.shape == joint.divergence_max_joint.shape == (3, 6)
     np.testing.assert_array_equal(joint.labels, [0, 1, 0, 0, 1, 0])
     np.testing.assert_array_equal(joint.guidance_scales, ws)
     for i, w in enumerate(ws):
         single = collect_statistics(net, inferer, batches, [w], progress=False)
-        for name in ("divergence_max", "divergence_max_joint", "cosine"):
+        for name in ("divergence_max", "divergence_max_joint", "score"):
             np.testing.assert_allclose(getattr(joint, name)[i], getattr(single, name)[0], rtol=1e-6, atol=1e-7)
     # the candidates really differ (the test would be vacuous otherwise)
     assert not np.allclose(joint.divergence_max[0], joint.divergence_max[2])

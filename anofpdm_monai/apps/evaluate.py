@@ -10,8 +10,8 @@ from typing import Any
 
 from ..calibration import Calibration
 from ..data import SliceDataset
-from ..evaluation import Evaluator
-from ..networks import load_network
+from ..evaluation import METHODS, Evaluator
+from ..networks import check_classifier_fits, load_classifier, load_network
 
 __all__ = ["run_evaluation"]
 
@@ -27,11 +27,22 @@ def run_evaluation(
     val_split: str = "validation",
     test_split: str = "test",
     use_ema: bool = True,
+    classifier_checkpoint: str | os.PathLike | None = None,
     **evaluator_kwargs: Any,
 ) -> dict[str, Any]:
     """Load the checkpoint (its EMA weights, or the raw ones with ``use_ema=False``) and the calibration file when it
     exists, build the validation and test slice datasets through the cache, and run :class:`Evaluator`. Returns the
-    summary."""
+    summary.
+
+    ``classifier_checkpoint`` (needed by ``ddim_clf``, refused when missing) is the noise-conditioned classifier
+    written by ``train_classifier.json``; it must have been trained with this checkpoint's preprocessing and noise
+    schedule."""
+    needs_classifier = [m for m in evaluator_kwargs.get("methods", ()) if m in METHODS and METHODS[m].needs_classifier]
+    if needs_classifier and classifier_checkpoint is None:
+        raise ValueError(
+            f"method(s) {needs_classifier} need classifier_checkpoint: set it to a classifier.pt written by "
+            "train_classifier.json, or leave these methods out"
+        )
     network, info = load_network(checkpoint, use_ema=use_ema, map_location="cpu")
     if not info.get("preprocessing"):
         raise ValueError(f"checkpoint {checkpoint} records no preprocessing; train with the bundle")
@@ -41,6 +52,10 @@ def run_evaluation(
         cal.check(source=f"calibration {calibration}", checkpoint_digest=info["digest"])
     evaluator_kwargs.setdefault("schedule", info["schedule"])
     progress = evaluator_kwargs.get("progress", True)
+    if needs_classifier:
+        classifier, clf_info = load_classifier(classifier_checkpoint, map_location="cpu")
+        check_classifier_fits(clf_info, info, source=f"classifier {classifier_checkpoint}")
+        evaluator_kwargs.update(classifier=classifier, classifier_digest=clf_info["digest"])
     pre = info["preprocessing"]
     val = SliceDataset.from_datalist(
         datalist, dataset_dir, val_split, cache_dir, pre, progress=progress, require_labels=True

@@ -3,8 +3,9 @@
 From the validation slices' statistics and their healthy/unhealthy labels (no pixel labels):
 
 - ``M_max`` per map modality: the largest max_t M_t over unhealthy slices (Algorithm 1's normaliser);
-- ``tau``: over q in linspace(0.005, 0.095, 100), tau_q = the q-quantile of the healthy slices' cosine c; the first
-  tau_q minimising #(unhealthy with c > tau_q) + #(healthy with c < tau_q);
+- ``tau``: over q in linspace(0.005, 0.095, 100), tau_q = the q-quantile of the healthy slices' health score c (the
+  papers' cosine by default; any score of :mod:`anofpdm_monai.inferers.health`, low = unhealthy); the first tau_q
+  minimising #(unhealthy with c > tau_q) + #(healthy with c < tau_q);
 - the fixed guidance ``w*``: for each candidate w, the classification accuracy at its own tau; w* is the largest
   candidate whose accuracy is >= ``tolerance`` x the best (0.99 by default; the extended paper states 0.98 in one
   place and 0.99 in another).
@@ -40,7 +41,7 @@ def select_tau(
     cosine_unhealthy: Sequence[float] | np.ndarray,
     levels: Sequence[float] = DEFAULT_TAU_LEVELS,
 ) -> tuple[float, int]:
-    """The cosine threshold: the first ``tau_q = quantile(healthy c, q)`` (linear interpolation) over ``levels``
+    """The health-score threshold: the first ``tau_q = quantile(healthy c, q)`` (linear interpolation) over ``levels``
     minimising #(unhealthy with c > tau_q) + #(healthy with c < tau_q).
 
     Returns:
@@ -77,14 +78,14 @@ class CalibrationStatistics:
         guidance_scales: (W,).
         divergence_max: (W, N, Cm) max_t M_t per map modality.
         divergence_max_joint: (W, N) max_t of the modality-mean M_t.
-        cosine: (W, N) cosine of the MSE curves.
+        score: (W, N) health score of each slice (the cosine of the MSE curves by default; low = unhealthy).
         labels: (N,) slice labels (0 healthy, 1 unhealthy).
     """
 
     guidance_scales: np.ndarray
     divergence_max: np.ndarray
     divergence_max_joint: np.ndarray
-    cosine: np.ndarray
+    score: np.ndarray
     labels: np.ndarray
 
 
@@ -107,7 +108,7 @@ def calibrate_from_statistics(
     ws = [float(w) for w in np.asarray(stats.guidance_scales).reshape(-1)]
     candidates, accuracies = [], {}
     for i, w in enumerate(ws):
-        c = np.asarray(stats.cosine[i], dtype=np.float64)
+        c = np.asarray(stats.score[i], dtype=np.float64)
         tau, err = select_tau(c[healthy], c[unhealthy], tau_levels)
         accuracy = 1.0 - err / labels.size
         m_max = np.asarray(stats.divergence_max[i])[unhealthy].max(axis=0)

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from ..engines.distributed import ShardedBatchSampler, gather_objects, rank_and_world
 from ..inferers.anofpdm import AnoFPDMInferer
-from ..settings import DEFAULT_GUIDANCE_CANDIDATES, DEFAULT_TOLERANCE
+from ..inferers.health import health_score
+from ..settings import DEFAULT_GUIDANCE_CANDIDATES, DEFAULT_TOLERANCE, check_guidance_scale
 from .algorithm import CalibrationStatistics, calibrate_from_statistics
 from .record import Calibration, CalibrationError
 
@@ -47,13 +48,14 @@ class CalibrationInferer(Inferer):
         guidance_scales: candidate w.
 
     Returns (when called):
-        dict with ``divergence_max`` (W, B, Cm), ``divergence_max_joint`` (W, B) and ``cosine`` (W, B).
+        dict with ``divergence_max`` (W, B, Cm), ``divergence_max_joint`` (W, B) and ``score`` (W, B), the health
+        score of the inferer's settings (the cosine by default).
     """
 
     def __init__(self, inferer: AnoFPDMInferer, guidance_scales: Sequence[float] = DEFAULT_GUIDANCE_CANDIDATES) -> None:
         super().__init__()
         self.inferer = inferer
-        self.guidance_scales = [float(w) for w in guidance_scales]
+        self.guidance_scales = [check_guidance_scale(w, "guidance_scales") for w in guidance_scales]
         if not self.guidance_scales:
             raise CalibrationError("no guidance scale candidates")
 
@@ -63,7 +65,7 @@ class CalibrationInferer(Inferer):
         return {
             "divergence_max": result.divergence_max("per_modality").cpu(),
             "divergence_max_joint": result.divergence_max("joint")[..., 0].cpu(),
-            "cosine": result.cosine().cpu(),
+            "score": health_score(result, self.inferer.settings.health_score).cpu(),
         }
 
 
@@ -75,12 +77,12 @@ class StatisticsAccumulator:
         self.reset()
 
     def reset(self) -> None:
-        self._parts: dict[str, list[torch.Tensor]] = {"div": [], "div_j": [], "cos": [], "labels": []}
+        self._parts: dict[str, list[torch.Tensor]] = {"div": [], "div_j": [], "score": [], "labels": []}
 
     def update(self, output: Mapping[str, torch.Tensor], labels: Any) -> None:
         self._parts["div"].append(torch.as_tensor(output["divergence_max"]).cpu())
         self._parts["div_j"].append(torch.as_tensor(output["divergence_max_joint"]).cpu())
-        self._parts["cos"].append(torch.as_tensor(output["cosine"]).cpu())
+        self._parts["score"].append(torch.as_tensor(output["score"]).cpu())
         self._parts["labels"].append(torch.as_tensor(labels).reshape(-1).cpu())
 
     def gathered(self) -> StatisticsAccumulator:
@@ -98,7 +100,7 @@ class StatisticsAccumulator:
             guidance_scales=np.asarray(self.guidance_scales, dtype=np.float64),
             divergence_max=torch.cat(self._parts["div"], dim=1).numpy(),
             divergence_max_joint=torch.cat(self._parts["div_j"], dim=1).numpy(),
-            cosine=torch.cat(self._parts["cos"], dim=1).numpy(),
+            score=torch.cat(self._parts["score"], dim=1).numpy(),
             labels=torch.cat(self._parts["labels"]).numpy(),
         )
 

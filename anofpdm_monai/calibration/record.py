@@ -9,7 +9,9 @@ Written as a small JSON file by the calibrate workflow; inference and evaluation
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from ..io import write_json
-from ..settings import DEFAULT_TOLERANCE, AnoFPDMSettings
+from ..settings import DEFAULT_TOLERANCE, AnoFPDMSettings, check_guidance_scale
 
-__all__ = ["CALIBRATION_FORMAT", "Calibration", "CalibrationError"]
+__all__ = ["CALIBRATION_FORMAT", "Calibration", "CalibrationError", "grid_digest"]
+
+logger = logging.getLogger(__name__)
 
 CALIBRATION_FORMAT = "anofpdm_monai.calibration/2"
 _FORMAT_1 = "anofpdm_monai.calibration/1"  # flat settings fields; still read
@@ -41,7 +45,7 @@ class Calibration:
         guidance_scale: w*.
         m_max: M_max per map modality (for ``end_step="per_modality"``).
         m_max_joint: M_max of the modality-mean divergence (for ``end_step="joint"``).
-        tau: cosine threshold (unhealthy iff c <= tau).
+        tau: threshold of the settings' health score (unhealthy iff score <= tau; the cosine by default).
         map_modalities: names of the map modalities; map_channels: their channel indices.
         checkpoint_digest: digest of the checkpoint (and which weights) the statistics came from.
         preprocessing: preprocessing parameters of that checkpoint.
@@ -97,7 +101,10 @@ class Calibration:
 
     # ------------------------------------------------------------------ file
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self) | {"settings": self.settings.to_dict()}, default=_json_default))
+        """JSON content of the file; ``grid_digest`` fingerprints the grid the statistics were computed on, so a grid
+        edited by hand afterwards is refused by :meth:`from_dict`."""
+        content = asdict(self) | {"settings": self.settings.to_dict(), "grid_digest": grid_digest(self.timesteps)}
+        return json.loads(json.dumps(content, default=_json_default))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON file atomically."""
@@ -119,10 +126,15 @@ class Calibration:
         missing = [k for k in required if k not in known]
         if missing:
             raise CalibrationError(f"{source} is missing fields {missing}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__) - {"grid_digest"})
+        if unknown:
+            logger.warning("%s: unknown key(s) %s ignored", source, unknown)
+        _check_content(known, source)
         try:
             cal = cls(**known)
         except (TypeError, ValueError) as exc:
             raise CalibrationError(f"{source}: {exc}") from None
+        _check_grid(data, cal, source)
         return cal
 
     @classmethod
@@ -157,10 +169,17 @@ class Calibration:
         Raises:
             CalibrationError: naming every field that differs.
         """
+        # the requested values first: a bad argument is named as such, not as a calibration mismatch
+        if guidance_scale is not None:
+            check_guidance_scale(guidance_scale)
+        AnoFPDMSettings().replace(**{k: v for k, v in options.items() if v is not None})
+        if timesteps is not None or t_max is not None or stride is not None:
+            AnoFPDMSettings().replace(t_max=t_max, stride=stride, timesteps=timesteps)
         try:
             settings = self.settings.replace(t_max=t_max, stride=stride, timesteps=timesteps, **options)
         except (TypeError, ValueError) as exc:
             raise CalibrationError(f"{source}: {exc}") from None
+        self.check_model(source, model_info)
         schedule = model_info.get("schedule")
         self.check(
             source=source,
@@ -171,6 +190,32 @@ class Calibration:
             schedule=schedule.to_dict() if (schedule is not None and self.schedule is not None) else None,
         )
         return settings
+
+    def check_model(self, source: str, model_info: Mapping[str, Any]) -> None:
+        """Refuse map channels the checkpoint does not have, or that are not the recorded map modalities; warn when
+        the calibration's preprocessing (image size, modalities) is not the checkpoint's (the digest check that
+        follows refuses it)."""
+        pre = dict(model_info.get("preprocessing") or {})
+        modalities = list(pre.get("modalities") or [])
+        channels = int((model_info.get("network") or {}).get("in_channels", len(modalities)) or len(modalities))
+        if channels and any(c >= channels for c in self.map_channels):
+            raise CalibrationError(
+                f"{source}: map_channels {list(self.map_channels)} do not exist in a {channels}-channel checkpoint "
+                f"(modalities {modalities})"
+            )
+        if modalities and self.map_modalities:
+            named = [modalities[c] for c in self.map_channels if c < len(modalities)]
+            if named != list(self.map_modalities):
+                raise CalibrationError(
+                    f"{source}: map_channels {list(self.map_channels)} are the checkpoint's {named}, not "
+                    f"map_modalities {list(self.map_modalities)}"
+                )
+        mine = dict(self.preprocessing or {})
+        for key in ("image_size", "modalities"):
+            if key in mine and key in pre and mine[key] != pre[key]:
+                logger.warning(
+                    "%s was made with %s %s but the checkpoint has %s %s", source, key, mine[key], key, pre[key]
+                )
 
     def check(self, source: str = "calibration", settings: AnoFPDMSettings | None = None, **values: Any) -> None:
         """Refuse a calibration made for another setting.
@@ -211,6 +256,91 @@ class Calibration:
 
 def _short(grid: Sequence[int]) -> str:
     return f"{list(grid[:3])}..{grid[-1]} ({len(grid)} steps)"
+
+
+def grid_digest(grid: Sequence[int]) -> str:
+    """Fingerprint of a step grid (stored in calibration files)."""
+    return hashlib.sha256(",".join(str(int(t)) for t in grid).encode()).hexdigest()[:16]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_content(data: Mapping[str, Any], source: str) -> None:
+    """Every key's type and range, as one-line :class:`CalibrationError` naming ``source`` and the key."""
+
+    def bad(key: str, expected: str) -> CalibrationError:
+        return CalibrationError(f"{source}: key '{key}' must be {expected}, got {data[key]!r}")
+
+    if not isinstance(data["settings"], Mapping):
+        raise bad("settings", "a mapping of AnoFPDM options")
+    if not _is_number(data["guidance_scale"]) or data["guidance_scale"] <= 0:
+        raise bad("guidance_scale", "a finite number > 0")
+    m_max = data["m_max"]
+    if not isinstance(m_max, list) or not m_max or not all(_is_number(v) and v > 0 for v in m_max):
+        raise bad("m_max", "a non-empty list of finite numbers > 0")
+    if not _is_number(data["m_max_joint"]) or data["m_max_joint"] <= 0:
+        raise bad("m_max_joint", "a finite number > 0")
+    cosine = data["settings"].get("health_score", "cosine") == "cosine"
+    if not _is_number(data["tau"]) or (cosine and not -1.0 <= data["tau"] <= 1.0):
+        raise bad("tau", "a number in [-1, 1] (a cosine)" if cosine else "a finite number")
+    for key in ("map_modalities", "map_channels"):
+        if key in data and not isinstance(data[key], list):
+            raise bad(key, "a list")
+    if not all(isinstance(m, str) for m in data.get("map_modalities", [])):
+        raise bad("map_modalities", "a list of modality names")
+    channels = data.get("map_channels", [])
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels) or len(
+        set(channels)
+    ) != len(channels):
+        raise bad("map_channels", "a list of distinct channel indices >= 0")
+    if channels and len(m_max) != len(channels):
+        raise CalibrationError(f"{source}: key 'm_max' has {len(m_max)} values for {len(channels)} map_channels")
+    if data.get("map_modalities") and channels and len(data["map_modalities"]) != len(channels):
+        raise CalibrationError(
+            f"{source}: key 'map_modalities' names {len(data['map_modalities'])} modalities for {len(channels)} "
+            "map_channels"
+        )
+    for key in ("checkpoint_digest", "datalist", "created", "format"):
+        if key in data and not isinstance(data[key], str):
+            raise bad(key, "a string")
+    for key in ("preprocessing", "schedule"):
+        if data.get(key) is not None and not isinstance(data[key], Mapping):
+            raise bad(key, "a mapping or null")
+    if "candidates" in data and not (
+        isinstance(data["candidates"], list) and all(isinstance(c, Mapping) for c in data["candidates"])
+    ):
+        raise bad("candidates", "a list of mappings")
+    if "tolerance" in data and not (_is_number(data["tolerance"]) and 0 < data["tolerance"] <= 1):
+        raise bad("tolerance", "a number in (0, 1]")
+    for key in ("num_healthy", "num_unhealthy"):
+        if key in data and not (isinstance(data[key], int) and not isinstance(data[key], bool) and data[key] >= 0):
+            raise bad(key, "an integer >= 0")
+
+
+def _check_grid(data: Mapping[str, Any], cal: Calibration, source: str) -> None:
+    """The grid in the file must be the one its statistics were computed on: an explicit ``timesteps`` grid is
+    written with ``t_max`` = its last step and ``stride`` 1, and ``grid_digest`` fingerprints it."""
+    raw = data["settings"]
+    grid = cal.timesteps
+    if raw.get("timesteps") is not None:
+        if "stride" in raw and raw["stride"] != 1:
+            raise CalibrationError(
+                f"{source}: key 'settings.stride' is {raw['stride']!r} but the statistics were computed on "
+                f"settings.timesteps {_short(grid)}; a calibration's grid cannot be edited: recalibrate"
+            )
+        if "t_max" in raw and raw["t_max"] != grid[-1]:
+            raise CalibrationError(
+                f"{source}: key 'settings.t_max' is {raw['t_max']!r} but the statistics were computed on "
+                f"settings.timesteps {_short(grid)}; a calibration's grid cannot be edited: recalibrate"
+            )
+    stored = data.get("grid_digest")
+    if stored is not None and stored != grid_digest(grid):
+        raise CalibrationError(
+            f"{source}: key 'settings' describes the grid {_short(grid)}, not the grid its statistics were computed "
+            "on (grid_digest differs); a calibration's grid cannot be edited: recalibrate"
+        )
 
 
 def _json_default(value: Any) -> Any:

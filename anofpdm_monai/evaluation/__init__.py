@@ -1,7 +1,7 @@
 """Evaluation of AnoFPDM against the papers' baselines: the runner, the pixel-label tuning of the baselines, the
 per-case result store, and the report (table and figures)."""
 
-from .methods import ANOFPDM_METHODS, METHODS, MethodSpec
+from .methods import ANOFPDM_METHODS, DEFAULT_METHODS, METHODS, MethodSpec
 from .report import summary_markdown, write_figures
 from .runner import Evaluator
 from .store import ResultStore, fingerprint
@@ -9,6 +9,7 @@ from .tuning import TUNING_OBJECTIVES, threshold_candidates, tune_threshold
 
 __all__ = [
     "ANOFPDM_METHODS",
+    "DEFAULT_METHODS",
     "METHODS",
     "MethodSpec",
     "Evaluator",

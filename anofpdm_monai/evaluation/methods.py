@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MethodSpec", "METHODS", "ANOFPDM_METHODS"]
+__all__ = ["MethodSpec", "METHODS", "ANOFPDM_METHODS", "DEFAULT_METHODS"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class MethodSpec:
         stochastic: run over several seeds.
         anofpdm: an AnoFPDM variant (shares the forward process of its forward mode).
         forward: the forward mode of an AnoFPDM variant.
+        needs_classifier: needs a separately trained noise-conditioned classifier (``classifier_checkpoint``).
     """
 
     label: str
@@ -24,6 +25,7 @@ class MethodSpec:
     stochastic: bool = False
     anofpdm: bool = False
     forward: str = "ddim"
+    needs_classifier: bool = False
 
     @property
     def tuning(self) -> str:
@@ -39,6 +41,9 @@ METHODS: dict[str, MethodSpec] = {
     "anoddpm": MethodSpec("AnoDDPM (Gaussian)", pixel_labels=True, stochastic=True),
     "ddim": MethodSpec("DDIM", pixel_labels=True),
     "ddim_cfg": MethodSpec("DDIM + classifier-free guidance", pixel_labels=True),
+    "ddim_clf": MethodSpec("DDIM + classifier guidance", pixel_labels=True, needs_classifier=True),
     "intensity": MethodSpec("{channel} intensity threshold", pixel_labels=True),
 }
 ANOFPDM_METHODS = tuple(k for k, v in METHODS.items() if v.anofpdm)
+#: the methods evaluated by default: every one that needs nothing beyond the diffusion checkpoint
+DEFAULT_METHODS = tuple(k for k, v in METHODS.items() if not v.needs_classifier)

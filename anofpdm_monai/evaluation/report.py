@@ -26,7 +26,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
     head = (
         "| Method | Tuned with | Mixed Dice | Mixed IoU | Mixed AUPRC | Unhealthy Dice | Unhealthy IoU | "
-        "Unhealthy AUPRC | Pooled AUPRC | Volume Dice | Slice acc. | AUROC (c) |\n"
+        "Unhealthy AUPRC | Pooled AUPRC | Volume Dice | Slice acc. | Health AUROC |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []

@@ -1,7 +1,8 @@
 """The evaluate workflow: AnoFPDM against the papers' baselines on one checkpoint, with the papers' metrics.
 
 Methods: :data:`~anofpdm_monai.evaluation.methods.METHODS` (AnoFPDM DDIM and DDPM from image labels only, its
-ablations, the reconstruction baselines and the intensity floor tuned WITH pixel labels).
+ablations, the reconstruction baselines and the intensity floor tuned WITH pixel labels; ``ddim_clf`` needs a
+noise-conditioned classifier trained with ``train_classifier.json``).
 
 AnoFPDM variants sharing a forward mode and seed share one forward pass. Every per-case result is kept in a
 :class:`~anofpdm_monai.evaluation.store.ResultStore` with the settings it was made with and reused by reruns with
@@ -28,12 +29,17 @@ from tqdm.auto import tqdm
 from ..calibration import Calibration, collect_statistics, make_calibration
 from ..engines.distributed import barrier, rank_and_world, shard_cases
 from ..inferers.anofpdm import AnoFPDMInferer
-from ..inferers.baselines import IntensityInferer, ReconstructionInferer
+from ..inferers.baselines import (
+    DEFAULT_CLASSIFIER_SCALE,
+    DEFAULT_CLASSIFIER_SCALES,
+    IntensityInferer,
+    ReconstructionInferer,
+)
 from ..io import atomic_path, write_text
 from ..metrics import PooledAUPRC, aggregate_over_seeds, dice_per_slice, iou_per_slice, segmentation_metrics
 from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_CANDIDATES, DEFAULT_GUIDANCE_SCALE, DEFAULT_TOLERANCE, AnoFPDMSettings
-from .methods import ANOFPDM_METHODS, METHODS
+from .methods import ANOFPDM_METHODS, DEFAULT_METHODS, METHODS
 from .report import summary_markdown, write_figures
 from .store import ResultStore, fingerprint
 from .tuning import TUNING_OBJECTIVES, threshold_candidates, tune_threshold
@@ -54,7 +60,7 @@ class Evaluator:
         val_dataset, test_dataset: :class:`~anofpdm_monai.data.SliceDataset` of the validation and test splits.
         output_dir: where results go.
         calibration: the AnoFPDM (DDIM) calibration; None calibrates here (image labels only).
-        methods: method keys (see :data:`METHODS`).
+        methods: method keys (see :data:`METHODS`; default :data:`DEFAULT_METHODS`, all but ``ddim_clf``).
         seeds: seeds of the stochastic methods (the others use the first).
         noise_levels: candidate noise levels of the reconstruction baselines (tuned on validation).
         num_steps: sampling steps of the reconstruction baselines (None: every step).
@@ -69,6 +75,9 @@ class Evaluator:
         figure_slices: number of example slices in the overlay figure.
         tuning_objective: what the pixel-label tuning maximises on the validation split, ``"pooled"`` (default),
             ``"unhealthy"`` or ``"mixed"`` (see :func:`tune_threshold`).
+        classifier: the noise-conditioned healthy/unhealthy classifier of ``ddim_clf`` (required for that method;
+            trained for this checkpoint's slices and noise schedule), ``classifier_digest`` identifying its file.
+        classifier_scales: candidates of the classifier-guidance scale s of ``ddim_clf`` (tuned with the noise level).
     """
 
     def __init__(
@@ -81,7 +90,7 @@ class Evaluator:
         test_dataset: Any,
         output_dir: str | os.PathLike,
         calibration: Calibration | None = None,
-        methods: Sequence[str] = tuple(METHODS),
+        methods: Sequence[str] = DEFAULT_METHODS,
         seeds: Sequence[int] = (0, 1, 2),
         noise_levels: Sequence[int] = (200, 400, 600),
         num_steps: int | None = 50,
@@ -98,15 +107,28 @@ class Evaluator:
         progress: bool = True,
         figure_slices: int = 6,
         tuning_objective: str = "pooled",
+        classifier: torch.nn.Module | None = None,
+        classifier_digest: str | None = None,
+        classifier_scales: Sequence[float] = DEFAULT_CLASSIFIER_SCALES,
     ) -> None:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if any(METHODS[m].needs_classifier for m in methods) and classifier is None:
+            raise ValueError(
+                "method 'ddim_clf' needs a noise-conditioned classifier: set classifier_checkpoint "
+                "(a classifier.pt written by train_classifier.json)"
+            )
+        if not classifier_scales or any(not float(s) >= 0 for s in classifier_scales):
+            raise ValueError(f"classifier_scales must be a non-empty list of numbers >= 0, got {classifier_scales}")
         if not seeds:
             raise ValueError("seeds must not be empty")
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.digest = checkpoint_digest
+        self.classifier = None if classifier is None else classifier.to(self.device).eval().requires_grad_(False)
+        self.classifier_digest = classifier_digest
+        self.classifier_scales = [float(s) for s in classifier_scales]
         self.modalities = list(modalities)
         self.map_modalities = list(map_modalities)
         missing = [m for m in self.map_modalities if m not in self.modalities]
@@ -255,11 +277,14 @@ class Evaluator:
         for method in self.methods:
             if not METHODS[method].pixel_labels:
                 continue
-            cal_key = None
-            if method == "anofpdm_tuned":  # its maps depend on the AnoFPDM calibration too
+            # what a method's maps depend on beyond the tuning key: the AnoFPDM calibration, the classifier
+            depends: dict[str, Any] = {}
+            if method == "anofpdm_tuned":
                 cal = self.anofpdm_calibration("ddim")
-                cal_key = fingerprint(cal.without_created())
-            if method in state and state[method].get("calibration") == cal_key:
+                depends["calibration"] = fingerprint(cal.without_created())
+            if method == "ddim_clf":
+                depends = {"classifier": self.classifier_digest, "classifier_scales": self.classifier_scales}
+            if method in state and all(state[method].get(k) == v for k, v in depends.items()):
                 continue
             logger.info("tuning %s on the validation split with pixel labels", method)
             best: dict[str, Any] = {"val_dice": -1.0}
@@ -271,14 +296,20 @@ class Evaluator:
                 maps = self._val_maps(self._intensity(None))
                 thr, dice = self._tune(maps)
                 best = {"threshold": thr, "val_dice": dice}
+            elif method == "ddim_clf":
+                for t in self.noise_levels:
+                    for scale in self.classifier_scales:
+                        maps = self._val_maps(self._baseline(method, t, None, self.seeds[0], scale))
+                        thr, dice = self._tune(maps)
+                        if dice > best["val_dice"]:
+                            best = {"noise_level": t, "classifier_scale": scale, "threshold": thr, "val_dice": dice}
             else:
                 for t in self.noise_levels:
                     maps = self._val_maps(self._baseline(method, t, None, self.seeds[0]))
                     thr, dice = self._tune(maps)
                     if dice > best["val_dice"]:
                         best = {"noise_level": t, "threshold": thr, "val_dice": dice}
-            if cal_key is not None:
-                best["calibration"] = cal_key
+            best.update(depends)
             state[method] = best
             self._save_tuning(state)
         return state
@@ -312,13 +343,22 @@ class Evaluator:
             **overrides,
         )
 
-    def _baseline(self, method: str, noise_level: int, threshold: float | None, seed: int) -> ReconstructionInferer:
+    def _baseline(
+        self,
+        method: str,
+        noise_level: int,
+        threshold: float | None,
+        seed: int,
+        classifier_scale: float = DEFAULT_CLASSIFIER_SCALE,
+    ) -> ReconstructionInferer:
         w = self._baseline_guidance()
         return ReconstructionInferer(
             method,
             noise_level,
             num_steps=self.num_steps,
             guidance_scale=w,
+            classifier=self.classifier if method == "ddim_clf" else None,
+            classifier_scale=classifier_scale,
             map_channels=self.map_channels,
             threshold=threshold,
             median_kernel=self.median_kernel,
@@ -380,6 +420,7 @@ class Evaluator:
                             "mask_ungated": out.mask_ungated.cpu().numpy(),
                             "pred_label": out.pred_label.cpu().numpy(),
                             "cosine": out.cosine.cpu().numpy(),
+                            "health": out.health.cpu().numpy(),
                             "divergence": out.divergence.cpu().numpy().astype(np.float32),
                             "mse_guided": out.mse_guided.cpu().numpy().astype(np.float32),
                             "mse_reference": out.mse_reference.cpu().numpy().astype(np.float32),
@@ -397,7 +438,8 @@ class Evaluator:
         if method == "intensity":
             inferer: Any = self._intensity(params["threshold"])
         else:
-            inferer = self._baseline(method, params["noise_level"], params["threshold"], seed)
+            scale = params.get("classifier_scale", DEFAULT_CLASSIFIER_SCALE)
+            inferer = self._baseline(method, params["noise_level"], params["threshold"], seed, scale)
         settings = fingerprint(
             {
                 "method": method,
@@ -497,6 +539,8 @@ class Evaluator:
                 r = self._load(method, seed)
                 maps = r["map"].astype(np.float32)
                 cosine = r.get("cosine") if method in ANOFPDM_METHODS else None
+                # the slice classification is the health score's (the cosine unless the settings choose another)
+                health = r.get("health", cosine) if method in ANOFPDM_METHODS else None
                 per_seed.append(
                     segmentation_metrics(
                         r["mask"],
@@ -506,7 +550,7 @@ class Evaluator:
                         gt["brain"],
                         y,
                         cases,
-                        cosine=cosine,
+                        cosine=health,
                         y_pred=r["pred_label"],
                     )
                 )
@@ -528,6 +572,7 @@ class Evaluator:
                             "dice_unhealthy": np.where(y == 1, dice_per_slice(ungated, gt["label"]), np.nan),
                             "iou_unhealthy": np.where(y == 1, iou_per_slice(ungated, gt["label"]), np.nan),
                             "cosine": cosine if cosine is not None else np.nan,
+                            "health": health if health is not None else np.nan,
                         }
                     )
                 )

@@ -21,6 +21,7 @@ from ..postprocessing import batch_quantile, binarize_map, quantile_level
 from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_SCALE, AnoFPDMSettings
 from .forward_process import ForwardProcessResult, run_forward_process
+from .health import health_score
 
 __all__ = ["AnoFPDMOutput", "AnoFPDMInferer", "SliceThresholds"]
 
@@ -37,11 +38,12 @@ class AnoFPDMOutput:
         end_step: (B, Cm) t_e per map modality, or (B, 1) for the joint end step.
         divergence: (B, K, Cm) M_t curves.
         mse_guided: (B, K) MSE_h curve; mse_reference: (B, K) MSE_ref curve.
-        cosine: (B,) c.
-        pred_label: (B,) 1 unhealthy (c <= tau), 0 healthy; all 1 when no tau is set.
+        cosine: (B,) c (reported whatever the health score).
+        pred_label: (B,) 1 unhealthy (health <= tau), 0 healthy; all 1 when no tau is set.
         quantile: (B, Cm) or (B, 1) Algorithm 1 levels q; threshold: (B,) the threshold on the map.
         timesteps: (K,) the step grid.
         guidance_scale: the w used.
+        health: (B,) the settings' health score (the cosine by default; low = unhealthy).
     """
 
     anomaly_map: torch.Tensor
@@ -58,6 +60,7 @@ class AnoFPDMOutput:
     threshold: torch.Tensor
     timesteps: torch.Tensor
     guidance_scale: float
+    health: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,8 +69,9 @@ class SliceThresholds:
 
     Attributes:
         anomaly_map: (B, H, W) H averaged over map modalities.
-        cosine: (B,) c; pred_label: (B,) 1 unhealthy, 0 healthy.
+        cosine: (B,) c; pred_label: (B,) 1 unhealthy (health <= tau), 0 healthy.
         quantile: (B, Cm) or (B, 1) Algorithm 1 levels (NaN with a fixed threshold); threshold: (B,).
+        health: (B,) the settings' health score (low = unhealthy).
     """
 
     anomaly_map: torch.Tensor
@@ -75,6 +79,7 @@ class SliceThresholds:
     pred_label: torch.Tensor
     quantile: torch.Tensor
     threshold: torch.Tensor
+    health: torch.Tensor | None = None
 
 
 class AnoFPDMInferer(Inferer):
@@ -87,7 +92,7 @@ class AnoFPDMInferer(Inferer):
         map_channels: indices of the map modalities (BraTS FLAIR and T2: ``(0, 3)``).
         m_max: calibrated M_max, one per map modality (or one value for ``end_step="joint"``); None disables
             Algorithm 1 (the threshold then comes from ``threshold``).
-        tau: calibrated cosine threshold; None classifies every slice as unhealthy.
+        tau: calibrated threshold of the health score (cosine by default); None classifies every slice as unhealthy.
         threshold: a fixed map threshold, used only when ``m_max`` is None.
         scheduler: the model's schedule, a :class:`~anofpdm_monai.schedule.NoiseSchedule` or a MONAI scheduler;
             default: the papers' linear schedule with T = 1000 (use the one recorded in the checkpoint).
@@ -209,7 +214,8 @@ class AnoFPDMInferer(Inferer):
         maps_m = r.anomaly_maps(s.end_step, s.aggregation)[0]  # (B, Cm, H, W)
         anomaly_map = maps_m.mean(dim=1)
         cosine = r.cosine()[0]
-        pred = torch.ones_like(cosine, dtype=torch.long) if self.tau is None else (cosine <= self.tau).long()
+        health = cosine if s.health_score == "cosine" else health_score(r, s.health_score)[0]
+        pred = torch.ones_like(health, dtype=torch.long) if self.tau is None else (health <= self.tau).long()
         if self.m_max is not None:
             m = r.divergence_max(s.end_step)[0]  # (B, Cm) or (B, 1)
             q = quantile_level(m, self.m_max.to(m.device), *s.quantile_range)
@@ -223,7 +229,7 @@ class AnoFPDMInferer(Inferer):
             threshold = torch.full((anomaly_map.shape[0],), float(self.threshold), device=anomaly_map.device)
         else:
             raise ValueError("AnoFPDMInferer needs m_max (calibration) or a fixed threshold to produce masks")
-        return SliceThresholds(anomaly_map, cosine, pred, q, threshold)
+        return SliceThresholds(anomaly_map, cosine, pred, q, threshold, health=health)
 
     def postprocess(self, result: ForwardProcessResult, w_index: int = 0) -> AnoFPDMOutput:
         """Turn streamed statistics into maps, health labels, thresholds and masks for one guidance scale."""
@@ -247,6 +253,7 @@ class AnoFPDMInferer(Inferer):
             threshold=th.threshold,
             timesteps=r.timesteps,
             guidance_scale=float(r.guidance_scales[0]),
+            health=th.health,
         )
 
     def run(self, inputs: torch.Tensor, network: nn.Module, need_maps: bool = True) -> ForwardProcessResult:

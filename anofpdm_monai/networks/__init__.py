@@ -12,7 +12,14 @@ from .checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from .classifier import NUM_CLASSES, AnoFPDMClassifier, build_classifier, checkpoint_setup, load_classifier
+from .classifier import (
+    NUM_CLASSES,
+    AnoFPDMClassifier,
+    build_classifier,
+    check_classifier_fits,
+    checkpoint_setup,
+    load_classifier,
+)
 from .unet import (
     CONDITIONING_MODES,
     HEALTHY,
@@ -37,6 +44,7 @@ __all__ = [
     "NUM_CLASSES",
     "AnoFPDMClassifier",
     "build_classifier",
+    "check_classifier_fits",
     "checkpoint_setup",
     "load_classifier",
     "CONDITIONING_MODES",

@@ -18,10 +18,25 @@ from typing import Any
 import torch
 from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 
-from .checkpoint import CheckpointError, _select_state, _state_mismatch, file_digest, load_checkpoint, schedule_of
+from .checkpoint import (
+    CheckpointError,
+    _diff,
+    _select_state,
+    _state_mismatch,
+    file_digest,
+    load_checkpoint,
+    schedule_of,
+)
 from .unet import HEALTHY, NETWORK_PRESETS, UNHEALTHY
 
-__all__ = ["NUM_CLASSES", "AnoFPDMClassifier", "build_classifier", "load_classifier", "checkpoint_setup"]
+__all__ = [
+    "NUM_CLASSES",
+    "AnoFPDMClassifier",
+    "build_classifier",
+    "load_classifier",
+    "checkpoint_setup",
+    "check_classifier_fits",
+]
 
 #: logits of the classifier: index HEALTHY (0) and UNHEALTHY (1)
 NUM_CLASSES = max(HEALTHY, UNHEALTHY) + 1
@@ -164,3 +179,20 @@ def checkpoint_setup(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, Mapping) or not meta.get("preprocessing"):
         raise CheckpointError(f"checkpoint {path} records no preprocessing; train the diffusion model with the bundle")
     return {"preprocessing": dict(meta["preprocessing"]), "schedule": schedule_of(meta, source=f"checkpoint {path}")}
+
+
+def check_classifier_fits(
+    classifier_info: Mapping[str, Any], model_info: Mapping[str, Any], source: str = "classifier"
+) -> None:
+    """Refuse a classifier trained for other slices (preprocessing) or another noise schedule than the diffusion
+    model it is to guide (the ``info`` of :func:`load_classifier` and :func:`~anofpdm_monai.networks.load_network`):
+    its gradients would be taken at the wrong noise levels or resolution. One-line :class:`CheckpointError`."""
+    theirs, mine = classifier_info.get("preprocessing"), model_info.get("preprocessing")
+    if theirs is not None and mine is not None and dict(theirs) != dict(mine):
+        diff = _diff(theirs, mine)
+        raise CheckpointError(f"{source} was trained with other preprocessing than the diffusion model ({diff})")
+    if classifier_info.get("schedule") != model_info.get("schedule"):
+        raise CheckpointError(
+            f"{source} was trained with another noise schedule ({classifier_info.get('schedule')!r}) than the "
+            f"diffusion model ({model_info.get('schedule')!r})"
+        )
