@@ -82,7 +82,7 @@ def test_calibration_thresholds_the_chosen_score():
     )
     out = calibrate_from_statistics(stats)
     assert out["candidates"][0]["accuracy"] == pytest.approx(7 / 8)
-    assert -1.5 < out["tau"] <= -0.2
+    assert -0.2 < out["tau"] < -0.15
 
 
 def test_health_score_is_a_calibrated_setting():
