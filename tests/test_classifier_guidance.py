@@ -149,6 +149,11 @@ def test_scale_zero_is_the_plain_ddim_baseline():
     assert out.anomaly_map.shape == (2, 16, 16) and not out.mask.any()
     assert not torch.allclose(out.reconstruction, plain.reconstruct(x0, net))
     assert not clf.training and not net.training
+    # one inversion shared by several decoders (the tuning of s): the same maps as each inverting on its own
+    shared = guided(x0, net, inverted=plain.invert(x0, net))
+    torch.testing.assert_close(shared.anomaly_map, out.anomaly_map, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no DDIM inversion"):
+        ReconstructionInferer("anoddpm", noise_level=300).invert(x0, net)
 
 
 def test_ddim_clf_inferer_errors():

@@ -271,6 +271,17 @@ class Evaluator:
             maps.append(out.filtered_map.float().cpu().numpy())
         return np.concatenate(maps)
 
+    def _val_maps_shared_inversion(self, inferers: Sequence[ReconstructionInferer]) -> list[np.ndarray]:
+        """:meth:`_val_maps` of several DDIM inferers with the same noise level and steps: each batch is inverted
+        once and decoded by each of them."""
+        maps: list[list[np.ndarray]] = [[] for _ in inferers]
+        for batch in tqdm(self._batches(self.val), desc="validation", leave=False, disable=not self.progress):
+            x = batch["image"].to(self.device)
+            inverted = inferers[0].invert(x, self.network)
+            for parts, inferer in zip(maps, inferers):
+                parts.append(inferer(x, self.network, inverted=inverted).filtered_map.float().cpu().numpy())
+        return [np.concatenate(parts) for parts in maps]
+
     def tune(self) -> dict[str, Any]:
         """Tune the pixel-label methods on the validation split (cached in ``tuning.json``)."""
         state = self._tuning()
@@ -298,8 +309,8 @@ class Evaluator:
                 best = {"threshold": thr, "val_dice": dice}
             elif method == "ddim_clf":
                 for t in self.noise_levels:
-                    for scale in self.classifier_scales:
-                        maps = self._val_maps(self._baseline(method, t, None, self.seeds[0], scale))
+                    inferers = [self._baseline(method, t, None, self.seeds[0], s) for s in self.classifier_scales]
+                    for scale, maps in zip(self.classifier_scales, self._val_maps_shared_inversion(inferers)):
                         thr, dice = self._tune(maps)
                         if dice > best["val_dice"]:
                             best = {"noise_level": t, "classifier_scale": scale, "threshold": thr, "val_dice": dice}

@@ -124,8 +124,20 @@ class ReconstructionInferer(Inferer):
         self.autocast_dtype = autocast_dtype
 
     @torch.no_grad()
-    def reconstruct(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
-        """The reconstruction of ``inputs`` (B, C, H, W) in [-1, 1]."""
+    def invert(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        """The DDIM inversion of ``inputs`` to the noise level with the null label (the DDIM methods; the same for
+        ``ddim``, ``ddim_cfg`` and ``ddim_clf`` at one noise level and step count, so that it can be shared)."""
+        if self.method == "anoddpm":
+            raise ValueError("anoddpm noises its input; it has no DDIM inversion")
+        grid = reconstruction_grid(self.noise_level, self.num_steps)
+        return ddim_encode(network, inputs.float(), self.schedule, grid, label=NULL, autocast_dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def reconstruct(
+        self, inputs: torch.Tensor, network: nn.Module, inverted: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The reconstruction of ``inputs`` (B, C, H, W) in [-1, 1]; ``inverted``: their :meth:`invert` when
+        already computed."""
         grid = reconstruction_grid(self.noise_level, self.num_steps)
         x0 = inputs.float()
         amp = self.autocast_dtype
@@ -134,7 +146,7 @@ class ReconstructionInferer(Inferer):
             noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
             x_t = self.schedule.q_sample(x0, grid[-1], noise)
             return ddpm_decode(network, x_t, self.schedule, grid, label=NULL, generator=gen, autocast_dtype=amp)
-        x_t = ddim_encode(network, x0, self.schedule, grid, label=NULL, autocast_dtype=amp)
+        x_t = self.invert(x0, network) if inverted is None else inverted
         if self.method == "ddim":
             return ddim_decode(network, x_t, self.schedule, grid, label=NULL, autocast_dtype=amp)
         if self.method == "ddim_clf":
@@ -158,13 +170,15 @@ class ReconstructionInferer(Inferer):
         diff = (inputs.float()[:, self.map_channels] - reconstruction[:, self.map_channels]) ** 2
         return diff.mean(dim=1)
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> BaselineOutput:  # type: ignore[override]
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: nn.Module, *args: Any, inverted: torch.Tensor | None = None, **kwargs: Any
+    ) -> BaselineOutput:
         modules = [m for m in (network, self.classifier) if m is not None]
         was_training = [getattr(m, "training", False) for m in modules]
         for m in modules:
             m.eval()
         try:
-            recon = self.reconstruct(inputs, network)
+            recon = self.reconstruct(inputs, network, inverted)
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
