@@ -144,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         fold_dir.mkdir(exist_ok=True)
         datalist = fold_datalist(entries, folds, k, args.modalities)
         (fold_dir / "datalist.json").write_text(json.dumps(datalist, indent=2))
-        print(f"fold {k}: train {[e['id'] for e in datalist['training']]}, calibrate on "
-              f"{datalist['validation'][0]['id']}, test {[e['id'] for e in datalist['test']]}", flush=True)
+        print(
+            f"fold {k}: train {[e['id'] for e in datalist['training']]}, calibrate on "
+            f"{datalist['validation'][0]['id']}, test {[e['id'] for e in datalist['test']]}",
+            flush=True,
+        )
         common: dict[str, Any] = {
             "dataset_dir": str(args.data.resolve()),
             "datalist": str(fold_dir / "datalist.json"),

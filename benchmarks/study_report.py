@@ -1,0 +1,287 @@
+"""Tables of the k-fold real-MRI study (benchmarks/real_study.py ``--stages report``).
+
+Reads each finished fold's evaluation store (``<out>/fold<k>/evaluation<tag>/cases``), the slice cache and the
+fold's model, and writes ``<out>/study<tag>.md`` and ``study<tag>.json``:
+
+1. per test volume and method: unhealthy Dice, mixed Dice, 3D Dice, AUPRC over the volume's brain pixels, health
+   AUROC and accuracy; then the mean and standard deviation over volumes, and the values pooled over every slice;
+2. the health scores (every score of :mod:`anofpdm_monai.inferers.health`, the raw peak divergence, a logistic
+   regression on the curve features fitted on each fold's calibration volume, and the brain area alone): AUROC on all
+   test slices and on the central slices only (brain area >= 60 % of the volume's largest), per volume and pooled.
+   A score that merely learns slice position beats nothing on the central slices.
+
+The calibration volume's curves (for the logistic regression) are computed once per fold with the fold's calibrated
+DDIM inferer and cached in ``<fold>/health_validation.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+CENTRAL_FRACTION = 0.6
+SCORES = ("cosine", "mse_gap", "divergence", "divergence_raw", "logistic", "brain_area")
+
+
+def _auroc(y: np.ndarray, unhealthiness: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    return float(roc_auc_score(y, unhealthiness)) if 0 < y.sum() < y.size else float("nan")
+
+
+def _curve_features(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Health scores as unhealthiness (high = unhealthy) from stored curves, through the library's definitions."""
+    from anofpdm_monai.inferers.forward_process import ForwardProcessResult
+    from anofpdm_monai.inferers.health import health_scores
+
+    div = torch.as_tensor(arrays["divergence"], dtype=torch.float64)  # (N, K, Cm)
+    n, k = div.shape[:2]
+    result = ForwardProcessResult(
+        timesteps=torch.arange(k),
+        guidance_scales=torch.ones(1),
+        divergence=div[None],
+        mse_guided=torch.as_tensor(arrays["mse_guided"], dtype=torch.float64)[None],
+        mse_reference=torch.as_tensor(arrays["mse_reference"], dtype=torch.float64),
+        end_index=torch.zeros(1, n, div.shape[-1], dtype=torch.long),
+        end_index_joint=torch.zeros(1, n, dtype=torch.long),
+    )
+    out = {name: -v[0].numpy() for name, v in health_scores(result).items()}
+    out["divergence_raw"] = div.mean(-1).amax(-1).numpy()
+    out["end_fraction"] = np.asarray(arrays["end_step"], dtype=np.float64).reshape(n, -1).mean(1) / max(k - 1, 1)
+    return out
+
+
+def _logistic(train: dict[str, np.ndarray], y_train: np.ndarray, test: dict[str, np.ndarray]) -> np.ndarray:
+    """P(unhealthy) from a logistic regression on the curve features (no brain area), fitted on the calibration
+    volume's slice labels."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    names = ("cosine", "mse_gap", "divergence", "end_fraction")
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+    model.fit(np.stack([train[k] for k in names], 1), y_train)
+    return model.predict_proba(np.stack([test[k] for k in names], 1))[:, 1]
+
+
+def _fold_inputs(fold_dir: Path, tag: str) -> dict[str, Any] | None:
+    from anofpdm_monai.calibration import Calibration
+    from anofpdm_monai.data import SliceDataset
+    from anofpdm_monai.evaluation.runner import Evaluator
+    from anofpdm_monai.evaluation.store import ResultStore
+    from anofpdm_monai.networks import load_network
+
+    evaluation = fold_dir / f"evaluation{tag}"
+    if not (evaluation / "summary.json").is_file():
+        return None
+    datalist = json.loads((fold_dir / "datalist.json").read_text())
+    dataset_dir = json.loads((fold_dir.parent / "folds.json").read_text())["args"]["data"]
+    cache_dir = fold_dir.parent / "cache"
+    network, info = load_network(fold_dir / "model" / "model.pt")
+    datasets = {
+        split: SliceDataset.from_datalist(
+            datalist, dataset_dir, split, cache_dir, info["preprocessing"], progress=False
+        )
+        for split in ("validation", "test")
+    }
+    test = datasets["test"]
+    table = test.table.reset_index(drop=True)
+    gt = Evaluator._ground_truth(test)
+    summary = json.loads((evaluation / "summary.json").read_text())
+    store = ResultStore(evaluation)
+    cases = list(dict.fromkeys(table["case_id"].astype(str)))
+    results = {m: store.load(m, 0, cases) for m in summary["methods"]}
+    # the calibration volume's curves, for the logistic regression
+    cache = fold_dir / f"health_validation{tag}.npz"
+    if not cache.is_file():
+        from anofpdm_monai.inferers import AnoFPDMInferer
+
+        cal = Calibration.load(fold_dir / f"calibration{tag}.json")
+        inferer = AnoFPDMInferer.from_calibration(cal, scheduler=info["schedule"])
+        parts: dict[str, list[np.ndarray]] = {"divergence": [], "mse_guided": [], "mse_reference": [], "end_step": []}
+        loader = torch.utils.data.DataLoader(datasets["validation"], batch_size=64, shuffle=False)
+        for batch in loader:
+            out = inferer.postprocess(inferer.run(batch["image"], network))
+            for key in parts:
+                parts[key].append(getattr(out, key).cpu().numpy())
+        np.savez(cache, labels=datasets["validation"].slice_labels, **{k: np.concatenate(v) for k, v in parts.items()})
+    with np.load(cache) as stored:
+        validation = {k: stored[k] for k in stored.files}
+    return {"table": table, "gt": gt, "results": results, "summary": summary, "validation": validation}
+
+
+def _volume_rows(fold: int, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    from anofpdm_monai.metrics import segmentation_metrics
+
+    table, gt = inputs["table"], inputs["gt"]
+    rows = []
+    for method, r in inputs["results"].items():
+        label = inputs["summary"]["methods"][method]["label"]
+        health = r.get("health", r.get("cosine"))
+        for case, idx in table.groupby("case_id", sort=False).indices.items():
+            y = gt["label"][idx].reshape(len(idx), -1).any(1).astype(np.int64)
+            m = segmentation_metrics(
+                r["mask"][idx],
+                r["mask_ungated"][idx],
+                gt["label"][idx],
+                r["map"][idx].astype(np.float32),
+                gt["brain"][idx],
+                y,
+                np.full(len(idx), case),
+                cosine=None if health is None else health[idx],
+                y_pred=r["pred_label"][idx],
+            )
+            rows.append({"fold": fold, "case": case, "method": method, "label": label, **m})
+    return rows
+
+
+def _health_rows(fold: int, inputs: dict[str, Any]) -> pd.DataFrame:
+    r = inputs["results"].get("anofpdm")
+    if r is None:
+        return pd.DataFrame()
+    table = inputs["table"]
+    test = _curve_features(r)
+    val = _curve_features(inputs["validation"])
+    test["logistic"] = _logistic(val, inputs["validation"]["labels"], test)
+    area = table["brain_area"].to_numpy(dtype=np.float64)
+    test["brain_area"] = area
+    frame = pd.DataFrame({k: test[k] for k in SCORES})
+    frame["fold"], frame["case"] = fold, table["case_id"].astype(str).to_numpy()
+    frame["y"] = (table["lesion_area"].to_numpy() > 0).astype(np.int64)
+    largest = frame.groupby("case")["brain_area"].transform("max")
+    frame["central"] = frame["brain_area"] >= CENTRAL_FRACTION * largest
+    return frame
+
+
+def source_statistics(out: Path) -> pd.DataFrame:
+    """What the model sees of each volume after preprocessing (first channel, in [-1, 1]): quantiles of the brain
+    pixels, of the healthy brain pixels, the mean outside the brain, and the slice count, one row per volume."""
+    from anofpdm_monai.data import SliceDataset
+    from anofpdm_monai.networks import load_network
+
+    fold_dirs = sorted(p for p in out.glob("fold*") if (p / "model" / "model.pt").is_file())
+    if not fold_dirs:
+        return pd.DataFrame()
+    datalist = json.loads((fold_dirs[0] / "datalist.json").read_text())
+    entries = {e["id"]: e for split in ("training", "validation", "test") for e in datalist.get(split, [])}
+    datalist["training"], datalist["validation"], datalist["test"] = list(entries.values()), [], []
+    dataset_dir = json.loads((out / "folds.json").read_text())["args"]["data"]
+    _, info = load_network(fold_dirs[0] / "model" / "model.pt")
+    data = SliceDataset.from_datalist(
+        datalist, dataset_dir, "training", out / "cache", info["preprocessing"], progress=False
+    )
+    rows = []
+    for case in entries:
+        arrays = data.cache.arrays(case)
+        image = np.asarray(arrays["image"][:, 0], dtype=np.float32)
+        brain = np.asarray(arrays["brain"], dtype=bool)
+        lesion = np.asarray(arrays["label"], dtype=bool)
+        q = np.quantile(image[brain], [0.05, 0.5, 0.95])
+        healthy = np.median(image[brain & ~lesion])
+        rows.append(
+            {
+                "case": case,
+                "slices": image.shape[0],
+                "brain q05": q[0],
+                "brain median": q[1],
+                "brain q95": q[2],
+                "healthy median": healthy,
+                "lesion median": np.median(image[lesion]) if lesion.any() else np.nan,
+                "outside mean": image[~brain].mean(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, std: float | None = None, scale: float = 100.0) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{scale * mean:.1f}" if std is None or not np.isfinite(std) else f"{scale * mean:.1f} ± {scale * std:.1f}"
+
+
+def write_report(out: Path, tag: str = "") -> dict[str, Any]:
+    fold_dirs = sorted(p for p in out.glob("fold*") if p.is_dir())
+    volume_rows, health = [], []
+    for fold_dir in fold_dirs:
+        inputs = _fold_inputs(fold_dir, tag)
+        if inputs is None:
+            print(f"{fold_dir.name}: no finished evaluation, skipped")
+            continue
+        fold = int(fold_dir.name[4:])
+        volume_rows += _volume_rows(fold, inputs)
+        health.append(_health_rows(fold, inputs))
+    if not volume_rows:
+        raise SystemExit(f"no finished fold under {out}")
+    vol = pd.DataFrame(volume_rows)
+    metrics = [
+        ("unhealthy_dice", "Unhealthy Dice"),
+        ("mixed_dice", "Mixed Dice"),
+        ("volume_dice", "3D Dice"),
+        ("pooled_auprc", "AUPRC"),
+        ("auroc", "Health AUROC"),
+        ("accuracy", "Slice acc."),
+    ]
+    lines = [f"{vol['case'].nunique()} test volumes over {vol['fold'].nunique()} folds; values x 100.\n"]
+    lines.append("### Mean ± std over test volumes\n")
+    lines.append("| Method | " + " | ".join(t for _, t in metrics) + " |")
+    lines.append("|---|" + "---|" * len(metrics))
+    for label, group in vol.groupby("label", sort=False):
+        cells = [_fmt(group[k].mean(), group[k].std(ddof=0)) for k, _ in metrics]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("\n### Per volume (unhealthy Dice / mixed Dice / 3D Dice / AUPRC)\n")
+    cases = list(dict.fromkeys(vol["case"]))
+    lines.append("| Method | " + " | ".join(f"{c} (fold {vol[vol.case == c].fold.iloc[0]})" for c in cases) + " |")
+    lines.append("|---|" + "---|" * len(cases))
+    for label, group in vol.groupby("label", sort=False):
+        by_case = group.set_index("case")
+        cells = [
+            " / ".join(_fmt(by_case.loc[c, k]) for k in ("unhealthy_dice", "mixed_dice", "volume_dice", "pooled_auprc"))
+            for c in cases
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    report: dict[str, Any] = {"volumes": volume_rows}
+    frame = pd.concat([h for h in health if len(h)], ignore_index=True) if any(len(h) for h in health) else None
+    if frame is not None:
+        lines.append("\n### Health scores (AnoFPDM DDIM curves at the calibrated w): AUROC x 100\n")
+        lines.append(
+            f"Central slices: brain area >= {CENTRAL_FRACTION:.0%} of the volume's largest "
+            f"({int(frame.central.sum())} of {len(frame)} slices, {int(frame[frame.central].y.sum())} with tumour). "
+            "Per-volume values: mean ± std over volumes; pooled: all slices of all volumes together."
+        )
+        lines.append("\n| Score | All slices, per volume | All, pooled | Central, per volume | Central, pooled |")
+        lines.append("|---|---|---|---|---|")
+        health_table = {}
+        for score in SCORES:
+            per_all = [_auroc(g.y, g[score]) for _, g in frame.groupby("case")]
+            per_central = [_auroc(g.y, g[score]) for _, g in frame[frame.central].groupby("case")]
+            row = {
+                "all_per_volume": (np.nanmean(per_all), np.nanstd(per_all)),
+                "all_pooled": _auroc(frame.y, frame[score]),
+                "central_per_volume": (np.nanmean(per_central), np.nanstd(per_central)),
+                "central_pooled": _auroc(frame[frame.central].y, frame[frame.central][score]),
+            }
+            health_table[score] = row
+            lines.append(
+                f"| {score} | {_fmt(*row['all_per_volume'])} | {_fmt(row['all_pooled'])} | "
+                f"{_fmt(*row['central_per_volume'])} | {_fmt(row['central_pooled'])} |"
+            )
+        report["health"] = health_table
+    sources = source_statistics(out)
+    if len(sources):
+        lines.append("\n### What the model sees of each volume (first channel after preprocessing, in [-1, 1])\n")
+        lines.append("| " + " | ".join(sources.columns) + " |")
+        lines.append("|---" * len(sources.columns) + "|")
+        for row in sources.itertuples(index=False):
+            lines.append("| " + " | ".join(v if isinstance(v, str) else f"{v:.2f}" for v in row) + " |")
+        report["sources"] = sources.to_dict(orient="records")
+    text = "\n".join(lines) + "\n"
+    (out / f"study{tag}.md").write_text(text)
+    (out / f"study{tag}.json").write_text(json.dumps(report, indent=2, default=float))
+    print(text)
+    return report
