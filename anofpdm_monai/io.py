@@ -27,6 +27,9 @@ __all__ = [
     "default_mode",
     "first_line",
     "remove_stale_temporaries",
+    "OutputPathError",
+    "ensure_writable_dir",
+    "ensure_writable_file",
 ]
 
 
@@ -38,6 +41,44 @@ def default_mode(directory: bool = False) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if directory else 0o666) & ~mask
+
+
+class OutputPathError(ValueError):
+    """An output folder or file that cannot be written (one line naming the option and the path)."""
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create the folder ``path`` if needed and check that files can be created in it, before any work is done.
+
+    Raises:
+        OutputPathError: one line naming ``what`` and the path (an existing file, an unwritable folder, ...).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {path} is an existing file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        reason = exc.strerror or first_line(exc)
+        raise OutputPathError(f"{what} {path} is not writable ({reason})") from None
+    return path
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Check, before any work is done, that the file ``path`` can be written (atomically, next to itself): it is not
+    a folder and its folder is writable (created if needed).
+
+    Raises:
+        OutputPathError: one line naming ``what`` and the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{what} {path} is an existing folder, not a file")
+    ensure_writable_dir(path.parent, f"the folder of {what}")
+    return path
 
 
 def first_line(exc: BaseException) -> str:

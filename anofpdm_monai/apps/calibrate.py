@@ -18,6 +18,7 @@ from ..calibration import Calibration, CalibrationError, CalibrationHandler, Cal
 from ..data import SliceDataset
 from ..engines.prepare_batch import SliceLabelPrepareBatch
 from ..inferers.anofpdm import AnoFPDMInferer
+from ..io import ensure_writable_dir, ensure_writable_file
 from ..networks import load_network
 from ..settings import DEFAULT_GUIDANCE_CANDIDATES, DEFAULT_TOLERANCE, AnoFPDMSettings
 
@@ -60,6 +61,8 @@ def run_calibration(
         the :class:`Calibration` (also written to ``output_path``).
     """
     device = torch.device(device)
+    ensure_writable_file(output_path, "calibration file")  # before any work
+    ensure_writable_dir(cache_dir, "cache_dir")
     network, info = load_network(checkpoint, use_ema=use_ema, map_location="cpu")
     if not info.get("preprocessing"):
         raise CalibrationError(f"checkpoint {checkpoint} records no preprocessing; train with the bundle")

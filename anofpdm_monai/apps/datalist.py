@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ..data.datalist import LAYOUTS, SPLITS, DatalistError, build_datalist, patient_id, split_counts, write_datalist
+from ..io import OutputPathError, ensure_writable_file
 
 __all__ = ["main"]
 
@@ -47,13 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 2 on a :class:`DatalistError` (printed to stderr as ``error: <message>``).
+        0 on success, 2 on a :class:`DatalistError` or an unwritable ``--output`` (printed to stderr as
+        ``error: <message>``).
     """
     args = _parser().parse_args(argv)
     try:
+        ensure_writable_file(args.output, "--output")  # before the folder scan
         datalist = build_datalist(args.layout, args.root, args.split, args.seed, args.modalities)
         write_datalist(datalist, args.output)
-    except DatalistError as e:
+    except (DatalistError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{split}: {n}" for split, n in split_counts(datalist).items())

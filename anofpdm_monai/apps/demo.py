@@ -26,8 +26,10 @@ import numpy as np
 from ..bundle import run_workflow
 from ..data.datalist import write_datalist
 from ..data.synthetic import make_dataset, template_anatomy
+from ..io import OutputPathError, ensure_writable_dir
 from ..metrics import dice_per_slice
 from ..postprocessing import scaled_min_component_size
+from ..settings import AnoFPDMSettings
 from ..visualize import save_demo_figure
 
 __all__ = ["main"]
@@ -107,6 +109,21 @@ def _demo_figure(out: Path, dataset_dir: Path, datalist_path: Path, inference_di
     return path, dice
 
 
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad arguments and an unwritable output folder before any work (argparse's one line, exit status 2)."""
+    if not args.train_minutes > 0:
+        parser.error(f"--train_minutes must be > 0, got {args.train_minutes}")
+    if args.image_size < 16 or args.image_size % 8:
+        parser.error(f"--image_size must be a multiple of 8 and >= 16, got {args.image_size}")
+    if args.template_mm < 1 or args.batch_size < 1 or min(args.subjects) < 1:
+        parser.error("--template_mm, --batch_size and every --subjects count must be >= 1")
+    try:
+        AnoFPDMSettings(t_max=args.t_max, stride=args.stride).grid()
+        ensure_writable_dir(args.output_dir, "--output_dir")
+    except (ValueError, OutputPathError) as exc:
+        parser.error(str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m anofpdm_monai.apps.demo",
@@ -126,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train again even if a model exists")
     args = parser.parse_args(argv)
+    _check_arguments(parser, args)
 
     start = time.time()
     out = Path(args.output_dir).resolve()

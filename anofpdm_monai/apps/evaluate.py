@@ -11,6 +11,7 @@ from typing import Any
 from ..calibration import Calibration
 from ..data import SliceDataset
 from ..evaluation import METHODS, Evaluator
+from ..io import ensure_writable_dir
 from ..networks import check_classifier_fits, load_classifier, load_network
 
 __all__ = ["run_evaluation"]
@@ -43,6 +44,8 @@ def run_evaluation(
             f"method(s) {needs_classifier} need classifier_checkpoint: set it to a classifier.pt written by "
             "train_classifier.json, or leave these methods out"
         )
+    ensure_writable_dir(output_dir, "output_dir")  # before any work
+    ensure_writable_dir(cache_dir, "cache_dir")
     network, info = load_network(checkpoint, use_ema=use_ema, map_location="cpu")
     if not info.get("preprocessing"):
         raise ValueError(f"checkpoint {checkpoint} records no preprocessing; train with the bundle")

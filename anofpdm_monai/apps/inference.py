@@ -27,6 +27,7 @@ from ..data.writers import SaveCaseOutputsd, split_finished
 from ..engines.inference import CaseDataset, CaseEvaluator, InferenceSummary, VolumePrepareBatch
 from ..inferers.anofpdm import AnoFPDMInferer
 from ..inferers.volume import AnoFPDMVolumeInferer
+from ..io import ensure_writable_dir
 from ..networks import load_network
 from ..postprocessing import (
     HealthGated,
@@ -229,7 +230,7 @@ class VolumeInferer:
         Raises:
             InferenceFailures: after all cases were attempted, if any failed and ``raise_on_failure``.
         """
-        os.makedirs(output_dir, exist_ok=True)
+        ensure_writable_dir(output_dir, "output_dir")
         todo, skipped = split_finished(entries, output_dir, self.provenance, self.overwrite)
         evaluator = self.evaluator(todo, output_dir)
         summary = InferenceSummary(output_dir, skipped, raise_on_failure)

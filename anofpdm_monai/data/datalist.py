@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -40,11 +41,14 @@ from typing import Any
 
 from ..io import write_text
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "DatalistError",
     "LAYOUTS",
     "SPLITS",
     "build_datalist",
+    "is_safe_case_id",
     "write_datalist",
     "patient_id",
     "validate_datalist",
@@ -64,6 +68,12 @@ _REQUIRED_KEYS = ("modalities",) + SPLITS
 _PATH_KEYS = ("label", "brain_mask")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_safe_case_id(case_id: Any) -> bool:
+    """A case id usable as a folder and file name prefix (letters, digits, ``_ . + -``; no leading dot)."""
+    return isinstance(case_id, str) and bool(_SAFE_ID.match(case_id))
+
 
 _DATASET_NAMES = {"brats2021": "BraTS2021", "brats2023": "BraTS2023", "atlas2": "ATLAS2"}
 
@@ -239,13 +249,30 @@ def load_datalist(
                 del datalist[split]
     if dataset_dir is not None:
         root = Path(dataset_dir).expanduser()
+        outside = []
         for split in SPLITS:
             for entry in datalist.get(split, []):
+                outside += [p for p in [*entry["image"], *(entry.get(k) for k in _PATH_KEYS)] if _escapes(p)]
                 entry["image"] = [_join(root, p) for p in entry["image"]]
                 for key in _PATH_KEYS:
                     if key in entry:
                         entry[key] = _join(root, entry[key])
+        if outside:
+            logger.warning(
+                "datalist %s: %d path(s) lead outside dataset_dir %s (e.g. %s); they are read from there",
+                path,
+                len(outside),
+                root,
+                outside[0],
+            )
     return datalist
+
+
+def _escapes(path: Any) -> bool:
+    """A relative path that leads out of the folder it is joined onto (``../x.nii.gz``)."""
+    if not isinstance(path, (str, os.PathLike)) or os.path.isabs(path):
+        return False
+    return os.path.normpath(path).split(os.sep)[0] == os.pardir
 
 
 def split_counts(datalist: dict) -> dict[str, int]:

@@ -18,7 +18,10 @@ Spatial steps are MONAI invertible transforms, so ``Invertd`` maps anomaly maps 
 
 from __future__ import annotations
 
+import gzip
+import logging
 import os
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +35,7 @@ from ..io import first_line
 
 __all__ = [
     "CaseError",
+    "why_unreadable",
     "LoadCased",
     "LoadCaseD",
     "LoadCaseDict",
@@ -56,8 +60,61 @@ __all__ = [
 ]
 
 
+logger = logging.getLogger(__name__)
+
+#: below this neighbouring-voxel correlation a volume is reported as not looking like MRI (real MRI: r > 0.8 along
+#: its best axis, uniform or Gaussian noise: r ~ 0)
+MIN_NEIGHBOUR_CORRELATION = 0.3
+
+
+def neighbour_correlation(values: torch.Tensor) -> float:
+    """The largest, over the three axes, correlation between neighbouring voxels of a 3D volume (stride 2 for large
+    volumes): about 1 for any image with structure, about 0 for noise. 1.0 for a constant volume."""
+    v = torch.as_tensor(values, dtype=torch.float32).reshape(values.shape[-3:])
+    if v.numel() > 4_000_000:
+        v = v[::2, ::2, ::2]
+    best = -1.0
+    for axis in range(3):
+        a = v.movedim(axis, 0)
+        if a.shape[0] < 2:
+            continue
+        x, y = a[:-1].reshape(-1).double(), a[1:].reshape(-1).double()
+        x, y = x - x.mean(), y - y.mean()
+        denominator = float(torch.sqrt((x * x).sum() * (y * y).sum()))
+        best = max(best, float((x * y).sum()) / denominator if denominator > 0 else 1.0)
+    return best
+
+
 class CaseError(ValueError):
     """A case that cannot be used; the message is one line naming the case and the file or key at fault."""
+
+
+def why_unreadable(path: str | os.PathLike) -> str | None:
+    """Why a NIfTI file cannot be read, in words (MONAI only says "cannot find a suitable reader"): a ``.gz`` file
+    that is not gzip-compressed, a truncated or corrupt gzip stream, a file that is not NIfTI; None when none of
+    these (the reader's own message is then the reason)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as exc:
+        return f"cannot open it ({exc.strerror or first_line(exc)})"
+    opener: Any = open
+    if str(path).lower().endswith(".gz"):
+        if head != b"\x1f\x8b":
+            return "it is named .gz but is not gzip-compressed (rename it without .gz, or gzip it)"
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+        except (OSError, EOFError, zlib.error) as exc:
+            return f"its gzip stream is truncated or corrupt ({first_line(exc)})"
+        opener = gzip.open
+    with opener(path, "rb") as f:
+        header = f.read(4)
+    sizes = {int.from_bytes(header, "little"), int.from_bytes(header, "big")} if len(header) == 4 else set()
+    if not sizes & {348, 540}:  # sizeof_hdr of NIfTI-1 / NIfTI-2
+        return "it is not a NIfTI file (no NIfTI header)"
+    return None
 
 
 def _case_name(data: Mapping) -> str:
@@ -103,7 +160,8 @@ class LoadCased(MapTransform):
         try:
             img = self.loader(path)
         except Exception as exc:  # nibabel raises many different types for corrupt files
-            raise CaseError(f"case {case}: cannot read {what} file {path}: {first_line(exc)}") from exc
+            reason = why_unreadable(path) or first_line(exc)
+            raise CaseError(f"case {case}: cannot read {what} file {path}: {reason}") from exc
         if img.ndim != 4 or img.shape[0] != 1:
             raise CaseError(f"case {case}: {what} file {path} is not a single 3D volume (shape {tuple(img.shape)})")
         if not torch.isfinite(img).all():
@@ -144,6 +202,16 @@ class LoadCased(MapTransform):
                 raise CaseError(f"case {case}: modality '{name}' file {path} is empty (all voxels are zero)")
             if float(values.max()) == float(values.min()):
                 raise CaseError(f"case {case}: modality '{name}' file {path} is constant")
+            r = neighbour_correlation(values)
+            if r < MIN_NEIGHBOUR_CORRELATION:
+                logger.warning(
+                    "case %s: modality '%s' file %s does not look like an MRI volume (neighbouring voxels are "
+                    "uncorrelated, r = %.2f; MRI has r > 0.8, noise r ~ 0): check the file",
+                    case,
+                    name,
+                    path,
+                    r,
+                )
             channels.append(img)
         image = torch.cat(channels, dim=0) if len(channels) > 1 else channels[0]
         image.meta["filename_or_obj"] = str(paths[0])

@@ -27,6 +27,7 @@ import torch
 from monai.transforms import MapTransform
 
 from ..io import atomic_path, remove_stale_temporaries, write_json
+from .datalist import is_safe_case_id
 
 __all__ = ["write_nifti_like", "case_output_paths", "is_case_finished", "split_finished", "SaveCaseOutputsd"]
 
@@ -85,12 +86,21 @@ def split_finished(
 ) -> tuple[list[Mapping[str, Any]], list[str]]:
     """``(entries still to process, ids of finished cases skipped)``; temporary files a killed run left in the
     cases' folders are removed on the way."""
-    todo, skipped = [], []
+    todo, skipped, seen = [], [], set()
     for entry in entries:
         case_id = str(entry.get("id", "<case>"))
         if entry.get("error"):  # an unusable case (its id may not even be a safe folder name): reported, not touched
             todo.append(entry)
             continue
+        if not is_safe_case_id(entry.get("id")):  # it would name files outside output_dir: refused, per case
+            reason = f"case id {entry.get('id')!r} is not filesystem-safe (letters, digits, '_', '.', '+', '-')"
+            todo.append({"id": case_id, "error": reason})
+            continue
+        if case_id in seen:  # its outputs would replace the first one's
+            reason = f"case id {case_id!r} appears twice; the second is not run"
+            todo.append({"id": f"{case_id} (again)", "error": reason})
+            continue
+        seen.add(case_id)
         remove_stale_temporaries(case_output_paths(output_dir, case_id).values())
         if not overwrite and is_case_finished(output_dir, case_id, provenance):
             skipped.append(case_id)

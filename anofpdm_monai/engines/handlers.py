@@ -91,6 +91,13 @@ class EMAState:
             scheduler.event_index = int(state["event_index"])
 
 
+class _FreshStateResumeFilter(logging.Filter):
+    """Drops ignite's "Engine run resuming from iteration 0, epoch 0 ..." (logged for a fresh state)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Engine run resuming from iteration 0, epoch 0 ")
+
+
 class TrainingCheckpointer:
     """Resumable training checkpoints, written atomically, and the final inference checkpoint.
 
@@ -162,6 +169,10 @@ class TrainingCheckpointer:
     def attach(self, engine: Engine) -> None:
         if self.engine_key:
             self.save_dict[self.engine_key] = engine
+        # ignite logs "resuming from iteration 0, epoch 0" before STARTED on every run, fresh or resumed (the state
+        # is restored at STARTED, below): misleading, so dropped; our own line says where a resumed run starts
+        if not any(isinstance(f, _FreshStateResumeFilter) for f in engine.logger.filters):
+            engine.logger.addFilter(_FreshStateResumeFilter())
         scaler = getattr(engine, "scaler", None)  # MONAI trainers with amp=True on CUDA
         if scaler is not None and hasattr(scaler, "state_dict") and "scaler" not in self.save_dict:
             self.save_dict["scaler"] = scaler
