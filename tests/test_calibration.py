@@ -105,6 +105,36 @@ def test_select_guidance_is_order_independent_and_takes_the_largest_of_ties():
     assert select_guidance(dict(reversed(list(acc.items())))) == 3.0
 
 
+def test_select_guidance_at_chance_takes_the_candidate_nearest_the_papers_w():
+    """The real-MRI case: accuracy falls with w and never beats the majority class (0.55) by the margin; the
+    papers' rule would take w = 0.5, the fallback takes 2 (DEFAULT_GUIDANCE_SCALE); an informative classification
+    keeps the papers' rule."""
+    falling = {0.5: 0.64, 1.0: 0.58, 2.0: 0.52, 3.0: 0.48, 5.0: 0.45}
+    assert select_guidance(falling) == 0.5
+    assert select_guidance(falling, chance=0.62) == 2.0
+    assert select_guidance({1.0: 0.5, 3.0: 0.5}, chance=0.6) == 3.0  # tie in distance to 2: the larger
+    assert select_guidance(falling, chance=0.55) == 0.5  # 0.64 >= 0.55 + 0.05: informative
+
+
+def test_calibration_at_chance_warns_and_uses_the_papers_w(caplog):
+    labels = np.array([0] * 6 + [1] * 4)
+    # interleaved scores: every tau_q lies in [1.025, 1.475], so 4 unhealthy + 1 healthy errors (accuracy 0.5,
+    # below the majority rate 0.6)
+    mixed = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1.5, 2.5, 3.5, 4.5])
+    flat = np.stack([mixed, mixed])
+    stats = CalibrationStatistics(
+        guidance_scales=np.array([0.5, 3.0]),
+        divergence_max=np.ones((2, 10, 1)),
+        divergence_max_joint=np.ones((2, 10)),
+        score=flat,
+        labels=labels,
+    )
+    with caplog.at_level("WARNING"):
+        out = calibrate_from_statistics(stats)
+    assert out["guidance_scale"] == 3.0  # nearest 2 among {0.5, 3}
+    assert "at chance" in caplog.text
+
+
 @pytest.mark.parametrize("accuracies, tolerance", [({}, 0.99), ({1.0: 0.9}, 0.0), ({1.0: 0.9}, 1.5)])
 def test_select_guidance_errors(accuracies, tolerance):
     with pytest.raises(CalibrationError):

@@ -8,7 +8,10 @@ From the validation slices' statistics and their healthy/unhealthy labels (no pi
   minimising #(unhealthy with c > tau_q) + #(healthy with c < tau_q);
 - the fixed guidance ``w*``: for each candidate w, the classification accuracy at its own tau; w* is the largest
   candidate whose accuracy is >= ``tolerance`` x the best (0.99 by default; the extended paper states 0.98 in one
-  place and 0.99 in another).
+  place and 0.99 in another). Beyond the papers: when no candidate classifies better than calling every slice the
+  majority class plus ``CHANCE_MARGIN``, the accuracies cannot rank w (on real MRI with a small model they fell with w
+  and the rule then picked the weakest guidance, whose maps were empty); w* is then the candidate nearest the
+  papers' w (``DEFAULT_GUIDANCE_SCALE``), with a warning.
 
 The statistics come from ONE pass of network calls over the validation set for all candidates at once
 (:mod:`anofpdm_monai.calibration.engine`).
@@ -16,16 +19,18 @@ The statistics come from ONE pass of network calls over the validation set for a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..settings import DEFAULT_TOLERANCE
+from ..settings import DEFAULT_GUIDANCE_SCALE, DEFAULT_TOLERANCE
 from .record import CalibrationError
 
 __all__ = [
+    "CHANCE_MARGIN",
     "DEFAULT_TAU_LEVELS",
     "CalibrationStatistics",
     "select_tau",
@@ -34,6 +39,10 @@ __all__ = [
 ]
 
 DEFAULT_TAU_LEVELS = tuple(np.linspace(0.005, 0.095, 100).tolist())
+#: a classification counts as informative when its accuracy exceeds the majority-class rate by this much
+CHANCE_MARGIN = 0.05
+
+logger = logging.getLogger(__name__)
 
 
 def select_tau(
@@ -60,13 +69,21 @@ def select_tau(
     return best_tau, int(best_err)
 
 
-def select_guidance(accuracies: Mapping[float, float], tolerance: float = DEFAULT_TOLERANCE) -> float:
-    """w* = the largest candidate whose accuracy is >= ``tolerance`` x the best accuracy."""
+def select_guidance(
+    accuracies: Mapping[float, float], tolerance: float = DEFAULT_TOLERANCE, chance: float | None = None
+) -> float:
+    """w* = the largest candidate whose accuracy is >= ``tolerance`` x the best accuracy.
+
+    With ``chance`` (the majority-class rate of the validation slices), a best accuracy below
+    ``chance + CHANCE_MARGIN`` selects the candidate nearest ``DEFAULT_GUIDANCE_SCALE`` instead (the larger on a tie).
+    """
     if not accuracies:
         raise CalibrationError("no guidance scale candidates")
     if not 0 < tolerance <= 1:
         raise CalibrationError(f"tolerance must be in (0, 1], got {tolerance}")
     best = max(accuracies.values())
+    if chance is not None and best < chance + CHANCE_MARGIN:
+        return float(min(accuracies, key=lambda w: (abs(w - DEFAULT_GUIDANCE_SCALE), -w)))
     return float(max(w for w, acc in accuracies.items() if acc >= tolerance * best))
 
 
@@ -123,7 +140,16 @@ def calibrate_from_statistics(
                 "m_max_joint": m_max_joint,
             }
         )
-    w_star = select_guidance(accuracies, tolerance)
+    chance = float(max(healthy.mean(), unhealthy.mean()))
+    w_star = select_guidance(accuracies, tolerance, chance=chance)
+    if max(accuracies.values()) < chance + CHANCE_MARGIN:
+        logger.warning(
+            "the slice classification is at chance for every w (best accuracy %.3f, majority class %.3f): w* = %g, "
+            "the candidate nearest the papers' w; the health labels of this calibration are unreliable",
+            max(accuracies.values()),
+            chance,
+            w_star,
+        )
     chosen = next(c for c in candidates if c["guidance_scale"] == w_star)
     m_chosen = np.asarray(chosen["m_max"] + [chosen["m_max_joint"]], dtype=np.float64)
     if not bool(np.all(np.isfinite(m_chosen) & (m_chosen > 0))):
