@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -257,6 +259,47 @@ def test_resume_matches_uninterrupted_run(synthetic, tmp_path):
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     ma, mb = _state(full / "model.pt"), _state(split / "model.pt")
     assert ma["iteration"] == mb["iteration"] == 2 * per_epoch
+
+
+def test_sigkill_after_the_first_checkpoint_then_resume_equals_an_uninterrupted_run(synthetic, tmp_path):
+    """A training process killed with SIGKILL once its first checkpoint exists, then run again with the same command,
+    ends with the raw and EMA weights of an uninterrupted run and leaves no temporary file (a kill in the middle of a
+    checkpoint write leaves one; the rerun removes it)."""
+    info = synthetic["anofpdm_atlas"]
+    epochs = 5
+    base = {**SMALL, **_data_overrides(info), "ema_warmup_iters": 10, "ema_decay": 0.5, "num_epochs": epochs}
+    base.update(preview_interval=0, val_interval=100)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd = _bundle_cmd(_config("anofpdm_atlas"), {**base, "output_dir": killed})
+    victim = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference = subprocess.Popen(
+        _bundle_cmd(_config("anofpdm_atlas"), {**base, "output_dir": full}),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + RUN_TIMEOUT
+    while not (killed / "checkpoint_epoch=1.pt").is_file() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "model.pt").exists()
+    _check(reference, reference.communicate(timeout=RUN_TIMEOUT)[0])
+    (killed / ".checkpoint_epoch=2.pt.x1y2z3").write_bytes(b"half a checkpoint")  # as a kill mid-write leaves
+    log = _run(cmd)
+    assert "resumed from" in log and "Engine run resuming from iteration 0, epoch 0" not in log
+    assert not [p.name for p in killed.rglob(".*")], "temporary files left behind"
+    a, b = _state(full / "checkpoint_latest.pt"), _state(killed / "checkpoint_latest.pt")
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == epochs * b["trainer"]["epoch_length"]
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            torch.testing.assert_close(b[key][k], a[key][k], atol=1e-6, rtol=0, msg=f"{key}.{k}")
+    assert a["ema_state"] == b["ema_state"]  # the EMA warm-up position
+    ma, mb = _state(full / "model.pt"), _state(killed / "model.pt")
+    assert ma["iteration"] == mb["iteration"]
 
 
 def test_two_process_torchrun_on_cpu(synthetic, tmp_path):

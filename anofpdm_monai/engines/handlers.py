@@ -185,7 +185,15 @@ class TrainingCheckpointer:
             engine.add_event_handler(Events.COMPLETED, self.save_final)
 
     def load(self, engine: Engine) -> None:
-        """Restore ``save_dict`` from ``checkpoint_latest.pt`` when resuming and the file exists."""
+        """Remove the temporary files a killed run left while writing a checkpoint, then restore ``save_dict`` from
+        ``checkpoint_latest.pt`` when resuming and the file exists."""
+        if is_main_process() and self.save_dir.is_dir():
+            names = [r"checkpoint_epoch=\d+\.pt", *(re.escape(n) for n in (self.LATEST, self.final_name) if n)]
+            stale = re.compile(rf"^\.({'|'.join(names)})\.")
+            for path in self.save_dir.iterdir():
+                if path.is_file() and stale.match(path.name):
+                    path.unlink(missing_ok=True)
+                    logger.info("removed %s, left by a killed run", path)
         if not (self.resume and self.latest.is_file()):
             return
         checkpoint = load_checkpoint(self.latest)
