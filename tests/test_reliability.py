@@ -24,6 +24,7 @@ from test_volume_inference import BRATS, GRID, SIZE, _tiny_net
 
 from anofpdm_monai.apps import datalist as datalist_cli
 from anofpdm_monai.apps.calibrate import run_calibration
+from anofpdm_monai.apps.errors import root_cause
 from anofpdm_monai.apps.evaluate import run_evaluation
 from anofpdm_monai.apps.inference import VolumeInferer
 from anofpdm_monai.calibration import Calibration, CalibrationError
@@ -534,3 +535,58 @@ def test_bundle_with_a_bad_case_exits_3_and_writes_the_others(bundle_inputs):
     assert "1 of 3 case(s) failed: not_gzip:" in line and "not gzip-compressed" in line, line
     summary = json.loads((out / "inference_summary.json").read_text())
     assert summary["done"] == GOOD and list(summary["failed"]) == ["not_gzip"]
+
+
+@pytest.mark.parametrize(
+    "workflow, workflow_type, key",
+    [
+        ("train", "train", "output_dir"),
+        ("train", "train", "cache_dir"),
+        ("calibrate", "infer", "output_dir"),
+        ("calibrate", "infer", "cache_dir"),
+        ("evaluate", "infer", "evaluation_dir"),
+        ("inference", "infer", "output_dir"),
+    ],
+)
+def test_every_bundle_workflow_checks_its_outputs_in_initialize(tmp_path, monkeypatch, workflow, workflow_type, key):
+    """Before the checkpoint, the datalist or the data are read (none of them exists here)."""
+    from monai.bundle import ConfigWorkflow
+
+    from anofpdm_monai.bundle import config_files
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # initialize installs the one-line hook
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    overrides = {"output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), key: str(a_file)}
+    overrides.update(checkpoint=str(tmp_path / "none.pt"), datalist=str(tmp_path / "none.json"))
+    wf = ConfigWorkflow(config_file=config_files("anofpdm_brats21", workflow), workflow_type=workflow_type, **overrides)
+    with pytest.raises(RuntimeError) as info:  # MONAI's "Failed to evaluate" around it
+        wf.initialize()
+    cause = root_cause(info.value)
+    assert isinstance(cause, OutputPathError) and str(cause) == f"{key} {a_file} is an existing file, not a folder"
+
+
+@pytest.mark.parametrize(
+    "overrides, text",
+    [
+        ({"guidance_scales": [1.0, -1.0]}, "guidance_scales must be a finite number > 0, got -1.0"),
+        ({"forward": "foo"}, "forward must be one of ['ddim', 'ddpm'], got 'foo'"),
+        ({"map_modalities": ["dwi"]}, "map modalities ['dwi'] are not among the model's modalities"),
+    ],
+)
+def test_the_calibrate_workflow_checks_its_arguments_before_the_data(model, tmp_path, monkeypatch, overrides, text):
+    """Refused in initialize: the datalist (which does not exist here) is never read, no slice cache is built."""
+    from monai.bundle import ConfigWorkflow
+
+    from anofpdm_monai.bundle import config_files
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    common = {"output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "device": "cpu"}
+    common.update(checkpoint=str(model["checkpoint"]), datalist=str(tmp_path / "none.json"))
+    wf = ConfigWorkflow(
+        config_file=config_files("anofpdm_brats21", "calibrate"), workflow_type="infer", **common, **overrides
+    )
+    with pytest.raises(RuntimeError) as info:  # MONAI's "Failed to evaluate" around it
+        wf.initialize()
+    assert text in str(root_cause(info.value)), str(root_cause(info.value))
+    assert not list((tmp_path / "cache").iterdir())
