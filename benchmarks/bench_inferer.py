@@ -54,14 +54,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from anofpdm_monai.inferers import (  # noqa: E402
-    AnoFPDMInferer,
-    ForwardProcessResult,
-    NoiseSchedule,
-    scaled_min_component_size,
-)
+from anofpdm_monai.inferers import AnoFPDMInferer, ForwardProcessResult  # noqa: E402
 from anofpdm_monai.metrics import dice_per_slice  # noqa: E402
 from anofpdm_monai.networks import HEALTHY, NULL, build_diffusion_unet, load_network  # noqa: E402
+from anofpdm_monai.postprocessing import scaled_min_component_size  # noqa: E402
+from anofpdm_monai.schedule import NoiseSchedule  # noqa: E402
 
 MB = 2.0**20
 
