@@ -5,7 +5,8 @@ fold's model, and writes ``<out>/study<tag>.md`` and ``study<tag>.json``:
 
 1. per test volume and method: unhealthy Dice, mixed Dice, 3D Dice, AUPRC over the volume's brain pixels, health
    AUROC and accuracy; then the mean and standard deviation over volumes, and the values pooled over every slice;
-2. the health scores (every score of :mod:`anofpdm_monai.inferers.health`, the raw peak divergence, a logistic
+2. the health scores (every score of :mod:`anofpdm_monai.inferers.health`, the raw (not relative) peak divergence
+   and MSE gap, a logistic
    regression on the curve features fitted on each fold's calibration volume, and the brain area alone): AUROC on all
    test slices and on the central slices only (brain area >= 60 % of the volume's largest), per volume and pooled.
    A score that merely learns slice position beats nothing on the central slices.
@@ -25,7 +26,7 @@ import pandas as pd
 import torch
 
 CENTRAL_FRACTION = 0.6
-SCORES = ("cosine", "mse_gap", "divergence", "divergence_raw", "logistic", "brain_area")
+SCORES = ("cosine", "mse_gap", "mse_gap_raw", "divergence", "divergence_raw", "logistic", "brain_area")
 
 
 def _auroc(y: np.ndarray, unhealthiness: np.ndarray) -> float:
@@ -53,6 +54,7 @@ def _curve_features(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     )
     out = {name: -v[0].numpy() for name, v in health_scores(result).items()}
     out["divergence_raw"] = div.mean(-1).amax(-1).numpy()
+    out["mse_gap_raw"] = (result.mse_guided[0] - result.mse_reference).mean(-1).numpy()
     out["end_fraction"] = np.asarray(arrays["end_step"], dtype=np.float64).reshape(n, -1).mean(1) / max(k - 1, 1)
     return out
 
