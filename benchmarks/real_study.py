@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-folds", type=int, nargs="+", default=None, help="run these folds only")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--modalities", nargs="+", default=["flair"], help="input channels (maps on the first)")
-    parser.add_argument("--image-size", type=int, default=64, help="64 on CPU, 128 on GPU")
+    parser.add_argument("--image-size", type=int, default=32, help="32 on the 2-core CPU, 128 on GPU")
     parser.add_argument("--network-size", default="small", help="small on CPU, medium/paper on GPU")
     parser.add_argument("--train-minutes", type=float, default=16.0, help="wall-clock training budget per fold")
     parser.add_argument("--batch-size", type=int, default=32)

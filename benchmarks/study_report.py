@@ -153,7 +153,7 @@ def _health_rows(fold: int, inputs: dict[str, Any]) -> pd.DataFrame:
     test["logistic"] = _logistic(val, inputs["validation"]["labels"], test)
     area = table["brain_area"].to_numpy(dtype=np.float64)
     test["brain_area"] = area
-    frame = pd.DataFrame({k: test[k] for k in SCORES})
+    frame = pd.DataFrame({k: test[k] for k in (*SCORES, "end_fraction")})
     frame["fold"], frame["case"] = fold, table["case_id"].astype(str).to_numpy()
     frame["y"] = (table["lesion_area"].to_numpy() > 0).astype(np.int64)
     largest = frame.groupby("case")["brain_area"].transform("max")
@@ -274,6 +274,18 @@ def write_report(out: Path, tag: str = "") -> dict[str, Any]:
                 f"{_fmt(*row['central_per_volume'])} | {_fmt(row['central_pooled'])} |"
             )
         report["health"] = health_table
+        at_end = frame.end_fraction >= 1.0
+        tumour, healthy = frame.y == 1, frame.y == 0
+        lines.append(
+            f"\nEnd step t_e (AnoFPDM DDIM): at the last grid step for {at_end[tumour].mean():.0%} of tumour slices "
+            f"and {at_end[healthy].mean():.0%} of healthy slices; median position in the grid "
+            f"{frame.end_fraction[tumour].median():.2f} (tumour) and {frame.end_fraction[healthy].median():.2f} "
+            "(healthy), 0 = first step, 1 = t_max."
+        )
+        report["end_step"] = {
+            "at_end_tumour": float(at_end[frame.y == 1].mean()),
+            "at_end_healthy": float(at_end[frame.y == 0].mean()),
+        }
     sources = source_statistics(out)
     if len(sources):
         lines.append("\n### What the model sees of each volume (first channel after preprocessing, in [-1, 1])\n")
