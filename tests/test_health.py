@@ -90,3 +90,16 @@ def test_health_score_is_a_calibrated_setting():
     a, b = AnoFPDMSettings(), AnoFPDMSettings(health_score="mse_gap")
     assert any(d.startswith("health_score") for d in a.differences(b))
     assert AnoFPDMSettings.from_dict(a.to_dict()) == a
+
+
+def test_calibration_bundle_exposes_the_health_score():
+    """`--health_score mse_gap` on the calibration bundle reaches the settings it calibrates (and records)."""
+    from monai.bundle import ConfigParser
+
+    from anofpdm_monai.bundle import config_files
+
+    parser = ConfigParser()
+    parser.read_config(config_files("anofpdm_brats21", "calibrate"))
+    assert parser.get_parsed_content("settings").health_score == "cosine"
+    parser["health_score"] = "mse_gap"
+    assert parser.get_parsed_content("settings", lazy=False).health_score == "mse_gap"
