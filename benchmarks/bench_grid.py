@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if all(p is not None for p in pair):
                 runs[(forward, f"stride {st}")] = {"val": pair[0], "test": pair[1], "sel": None}
-        ref_val = runs.get((forward, "stride 1"), {}).get("val")
+        # the dense range needs only the validation run at stride 1 (another process may still run its test half)
+        ref_val = runner.run(forward, uniform_grid(t_max, 1), "validation", x_val, vidx, compute=want(f"{forward}:1"))
         if ref_val is None:
             continue
         te = np.asarray(ref_val["timesteps"])[ref_val["divergence"].argmax(axis=2)]  # every slice, w and modality
@@ -560,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             f"w {cal.guidance_scale}"
         )
     runner.w = float(cal.guidance_scale)
+    runner.settings = cal.settings  # its post-processing (median kernel, component size scaled to the resolution)
     wi = runner.ws.index(runner.w)
     runs = {k: {**v, "val": select_w(v["val"], wi), "test": select_w(v["test"], wi)} for k, v in runs.items()}
     print(f"w = {runner.w:g} from {args.calibration}", flush=True)
