@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = ("train", "calibrate", "evaluate", "report")
+STAGES = ("train", "classifier", "calibrate", "evaluate", "report")
 STUDY_METHODS = ["anofpdm", "anofpdm_ddpm", "anofpdm_tuned", "anofpdm_last", "anoddpm", "intensity"]
 
 
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32, help="32 on the 2-core CPU, 128 on GPU")
     parser.add_argument("--network-size", default="small", help="small on CPU, medium/paper on GPU")
     parser.add_argument("--train-minutes", type=float, default=16.0, help="wall-clock training budget per fold")
+    parser.add_argument(
+        "--classifier-minutes", type=float, default=8.0, help="wall-clock budget of the ddim_clf classifier per fold"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--flip-prob", type=float, default=0.5, help="left-right flip augmentation")
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         folds = deal_folds([e["id"] for e in entries], args.folds)
         (out / "folds.json").write_text(json.dumps({"folds": folds, "args": vars(args)}, indent=2, default=str))
     for k in fold_ids:
-        if not set(args.stages) & {"train", "calibrate", "evaluate"}:
+        if not set(args.stages) & {"train", "classifier", "calibrate", "evaluate"}:
             break
         fold_dir = out / f"fold{k}"
         fold_dir.mkdir(exist_ok=True)
@@ -186,6 +189,27 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed + k,
             )
             timings["train_s"] = timings.get("train_s", 0.0) + time.time() - t
+        classifier = fold_dir / "classifier" / "classifier.pt"
+        if "classifier" in args.stages:  # the noise-conditioned classifier of ddim_clf (train_classifier.json)
+            t = time.time()
+            run_bundle(
+                "train_classifier",
+                **common,
+                diffusion_checkpoint=str(checkpoint),
+                output_dir=str(fold_dir / "classifier"),
+                classifier_size=args.network_size,
+                batch_size=args.batch_size,
+                learning_rate=3e-4,
+                flip_prob=args.flip_prob,
+                max_timestep=args.train_max_timestep or None,
+                num_epochs=100000,
+                time_limit=int(args.classifier_minutes * 60),
+                num_workers=0,
+                val_interval=2,
+                checkpoint_interval=5,
+                seed=args.seed + k,
+            )
+            timings["classifier_s"] = timings.get("classifier_s", 0.0) + time.time() - t
         from anofpdm_monai.postprocessing import scaled_min_component_size
 
         calibration = fold_dir / f"calibration{args.tag}.json"
@@ -219,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds=args.eval_seeds,
                 noise_levels=args.noise_levels,
                 num_steps=args.num_steps,
+                classifier_checkpoint=str(classifier) if "ddim_clf" in args.methods else None,
                 batch_size=64,
             )
             timings["evaluate_s"] = time.time() - t
