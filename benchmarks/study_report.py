@@ -36,7 +36,7 @@ def _auroc(y: np.ndarray, unhealthiness: np.ndarray) -> float:
     return float(roc_auc_score(y, unhealthiness)) if 0 < y.sum() < y.size else float("nan")
 
 
-def _curve_features(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _curve_features(arrays: dict[str, np.ndarray], last_step: float) -> dict[str, np.ndarray]:
     """Health scores as unhealthiness (high = unhealthy) from stored curves, through the library's definitions."""
     from anofpdm_monai.inferers.forward_process import ForwardProcessResult
     from anofpdm_monai.inferers.health import health_scores
@@ -55,7 +55,8 @@ def _curve_features(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {name: -v[0].numpy() for name, v in health_scores(result).items()}
     out["divergence_raw"] = div.mean(-1).amax(-1).numpy()
     out["mse_gap_raw"] = (result.mse_guided[0] - result.mse_reference).mean(-1).numpy()
-    out["end_fraction"] = np.asarray(arrays["end_step"], dtype=np.float64).reshape(n, -1).mean(1) / max(k - 1, 1)
+    # t_e is stored as a step of the grid: its position between the first step (0) and the grid's last
+    out["end_fraction"] = np.asarray(arrays["end_step"], dtype=np.float64).reshape(n, -1).mean(1) / last_step
     return out
 
 
@@ -99,6 +100,8 @@ def _fold_inputs(fold_dir: Path, tag: str) -> dict[str, Any] | None:
     store = ResultStore(evaluation)
     cases = list(dict.fromkeys(table["case_id"].astype(str)))
     results = {m: store.load(m, 0, cases) for m in summary["methods"]}
+    if "anofpdm" in results:
+        results["anofpdm"]["timesteps"] = store.timesteps("anofpdm", 0, cases[0])
     # the calibration volume's curves, for the logistic regression
     cache = fold_dir / f"health_validation{tag}.npz"
     if not cache.is_file():
@@ -148,12 +151,22 @@ def _health_rows(fold: int, inputs: dict[str, Any]) -> pd.DataFrame:
     if r is None:
         return pd.DataFrame()
     table = inputs["table"]
-    test = _curve_features(r)
-    val = _curve_features(inputs["validation"])
+    last_step = float(np.asarray(r["timesteps"]).max())  # the calibration's grid, also the validation curves'
+    test = _curve_features(r, last_step)
+    val = _curve_features(inputs["validation"], last_step)
     test["logistic"] = _logistic(val, inputs["validation"]["labels"], test)
+    # the calibration's threshold rule (docs/method.md §6.2) on the calibration volume, applied to the test slices
+    from anofpdm_monai.calibration.algorithm import select_tau
+
+    y_val = np.asarray(inputs["validation"]["labels"])
+    for name in ("cosine", "mse_gap", "divergence"):
+        tau, _ = select_tau(-val[name][y_val == 0], -val[name][y_val == 1])
+        test[f"{name}_pred"] = (-test[name] <= tau).astype(np.int64)
     area = table["brain_area"].to_numpy(dtype=np.float64)
     test["brain_area"] = area
-    frame = pd.DataFrame({k: test[k] for k in (*SCORES, "end_fraction")})
+    frame = pd.DataFrame(
+        {k: test[k] for k in (*SCORES, "end_fraction", "cosine_pred", "mse_gap_pred", "divergence_pred")}
+    )
     frame["fold"], frame["case"] = fold, table["case_id"].astype(str).to_numpy()
     frame["y"] = (table["lesion_area"].to_numpy() > 0).astype(np.int64)
     largest = frame.groupby("case")["brain_area"].transform("max")
@@ -274,6 +287,18 @@ def write_report(out: Path, tag: str = "") -> dict[str, Any]:
                 f"{_fmt(*row['central_per_volume'])} | {_fmt(row['central_pooled'])} |"
             )
         report["health"] = health_table
+        lines.append(
+            "\nSlice accuracy with tau from the calibration volume (the calibration's rule), on the test slices:"
+        )
+        for name in ("cosine", "mse_gap", "divergence"):
+            pred, y = frame[f"{name}_pred"], frame.y
+            per = [float((g[f"{name}_pred"] == g.y).mean()) for _, g in frame.groupby("case")]
+            lines.append(
+                f"{name}: accuracy {np.mean(per):.3f} ± {np.std(per):.3f} per volume, pooled {(pred == y).mean():.3f} "
+                f"(sensitivity {pred[y == 1].mean():.3f}, specificity {1 - pred[y == 0].mean():.3f});"
+            )
+            health_table[name]["accuracy_pooled"] = float((pred == y).mean())
+        lines.append(f"majority class: {max(frame.y.mean(), 1 - frame.y.mean()):.3f}.")
         at_end = frame.end_fraction >= 1.0
         tumour, healthy = frame.y == 1, frame.y == 0
         lines.append(
