@@ -104,10 +104,14 @@ def _fold_inputs(fold_dir: Path, tag: str) -> dict[str, Any] | None:
         results["anofpdm"]["timesteps"] = store.timesteps("anofpdm", 0, cases[0])
     # the calibration volume's curves, for the logistic regression
     cache = fold_dir / f"health_validation{tag}.npz"
+    cal = Calibration.load(fold_dir / f"calibration{tag}.json")
+    if cache.is_file():
+        with np.load(cache) as stored:
+            if "guidance_scale" not in stored.files or float(stored["guidance_scale"]) != cal.guidance_scale:
+                cache.unlink()  # made with another calibration
     if not cache.is_file():
         from anofpdm_monai.inferers import AnoFPDMInferer
 
-        cal = Calibration.load(fold_dir / f"calibration{tag}.json")
         inferer = AnoFPDMInferer.from_calibration(cal, scheduler=info["schedule"])
         parts: dict[str, list[np.ndarray]] = {"divergence": [], "mse_guided": [], "mse_reference": [], "end_step": []}
         loader = torch.utils.data.DataLoader(datasets["validation"], batch_size=64, shuffle=False)
@@ -115,7 +119,8 @@ def _fold_inputs(fold_dir: Path, tag: str) -> dict[str, Any] | None:
             out = inferer.postprocess(inferer.run(batch["image"], network))
             for key in parts:
                 parts[key].append(getattr(out, key).cpu().numpy())
-        np.savez(cache, labels=datasets["validation"].slice_labels, **{k: np.concatenate(v) for k, v in parts.items()})
+        curves = {k: np.concatenate(v) for k, v in parts.items()}
+        np.savez(cache, labels=datasets["validation"].slice_labels, guidance_scale=cal.guidance_scale, **curves)
     with np.load(cache) as stored:
         validation = {k: stored[k] for k in stored.files}
     return {"table": table, "gt": gt, "results": results, "summary": summary, "validation": validation}
