@@ -85,8 +85,9 @@ class AnoFPDMSettings:
         min_component_size: mask components of at most this many pixels are removed (40 px at 128 x 128; scale it
             with the resolution, see :func:`anofpdm_monai.postprocessing.scaled_min_component_size`).
         clip: clip x0 predictions to [-1, 1].
-        health_score: the slice health score compared with the calibrated tau (``"cosine"``, the papers';
-            ``"mse_gap"``; ``"divergence"``; see :mod:`anofpdm_monai.inferers.health`).
+        health_score: the slice health score compared with the calibrated tau: ``"mse_gap"`` (the default, chosen
+            by the real-MRI study), ``"cosine"`` (the papers') or ``"divergence"``; see
+            :mod:`anofpdm_monai.inferers.health`.
     """
 
     t_max: int = 599
@@ -101,7 +102,7 @@ class AnoFPDMSettings:
     median_kernel: int = 5
     min_component_size: int = 40
     clip: bool = True
-    health_score: str = "cosine"
+    health_score: str = "mse_gap"  # measured: docs/real_study.md (the papers' cosine was at or below chance there)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise types once, here

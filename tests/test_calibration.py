@@ -519,5 +519,6 @@ def test_format_1_files_still_load(tmp_path):
         quantile_range=(0.85, 0.97),
         median_kernel=3,
         min_component_size=10,
+        health_score="cosine",  # what files written before the option existed were calibrated with
     )
     assert cal.timesteps == GRID and cal.m_max == [0.012, 0.034] and cal.format == CALIBRATION_FORMAT

@@ -87,7 +87,7 @@ def test_calibration_thresholds_the_chosen_score():
 
 def test_health_score_is_a_calibrated_setting():
     """A calibration made for one score is refused for another (tau is on that score's scale)."""
-    a, b = AnoFPDMSettings(), AnoFPDMSettings(health_score="mse_gap")
+    a, b = AnoFPDMSettings(), AnoFPDMSettings(health_score="cosine")
     assert any(d.startswith("health_score") for d in a.differences(b))
     assert AnoFPDMSettings.from_dict(a.to_dict()) == a
 
@@ -100,6 +100,25 @@ def test_calibration_bundle_exposes_the_health_score():
 
     parser = ConfigParser()
     parser.read_config(config_files("anofpdm_brats21", "calibrate"))
-    assert parser.get_parsed_content("settings").health_score == "cosine"
+    assert parser.get_parsed_content("settings").health_score == "mse_gap"  # the library default
     parser["health_score"] = "mse_gap"
     assert parser.get_parsed_content("settings", lazy=False).health_score == "mse_gap"
+
+
+def test_a_calibration_file_without_the_option_is_read_as_cosine():
+    """Files written before the option existed thresholded the cosine: they keep doing so whatever the default."""
+    from anofpdm_monai.calibration import Calibration
+
+    cal = Calibration(
+        settings=AnoFPDMSettings(timesteps=(0, 10, 20)),
+        guidance_scale=2.0,
+        m_max=[0.1],
+        m_max_joint=0.1,
+        tau=0.9,
+        map_modalities=["flair"],
+        map_channels=[0],
+    )
+    assert cal.settings.health_score == "mse_gap"  # today's default
+    content = cal.to_dict()
+    del content["settings"]["health_score"]
+    assert Calibration.from_dict(content).settings.health_score == "cosine"

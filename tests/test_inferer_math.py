@@ -524,6 +524,7 @@ def test_streaming_equals_naive(forward, reference, divergence, mode, clip):
                     tau=tau,
                     clip=clip,
                     seed=SEED,
+                    health_score="cosine",  # the naive reference classifies by the papers' cosine
                 )
                 out = inferer.postprocess(result, w_index=wi)
                 tol = {"rtol": MAP_RTOL, "atol": MAP_ATOL, "err_msg": lab}
@@ -1011,15 +1012,19 @@ def test_binarize_map_uses_filtered_map_and_ge():
     assert not mask[1].any()
 
 
-def test_health_gating():
+@pytest.mark.parametrize("score", ["cosine", "mse_gap", "divergence"])
+def test_health_gating(score):
     x0_np = make_slices()
     x0 = torch.from_numpy(x0_np).float()
     net = _net("perfect", x0_np)
     base = {"guidance_scale": 2.0, "map_channels": (0, 3), "timesteps": EXPLICIT_GRID, "seed": 11}
+    base["health_score"] = score
     ungated = AnoFPDMInferer(m_max=[0.05, 0.05], **base)(x0, net)
     assert torch.equal(ungated.pred_label, torch.ones(B, dtype=torch.long))
     assert torch.equal(ungated.mask, ungated.mask_ungated) and ungated.mask.any()
-    cos = ungated.cosine
+    if score == "cosine":
+        torch.testing.assert_close(ungated.health, ungated.cosine)
+    cos = ungated.health  # the gating score (low = unhealthy)
     tau = float(cos.sort().values[:2].mean())  # only the lowest-c slice stays unhealthy
     gated = AnoFPDMInferer(m_max=[0.05, 0.05], tau=tau, **base)(x0, net)
     assert torch.equal(gated.mask_ungated, ungated.mask_ungated)
@@ -1029,7 +1034,7 @@ def test_health_gating():
             assert not gated.mask[b].any()
         else:
             assert torch.equal(gated.mask[b], ungated.mask_ungated[b])
-    all_healthy = AnoFPDMInferer(m_max=[0.05, 0.05], tau=-1.0, **base)(x0, net)
+    all_healthy = AnoFPDMInferer(m_max=[0.05, 0.05], tau=float(cos.min()) - 1.0, **base)(x0, net)
     assert not all_healthy.mask.any() and torch.equal(all_healthy.mask_ungated, ungated.mask_ungated)
 
 

@@ -289,8 +289,11 @@ def _edited(model, tmp_path, edit) -> Path:
 @pytest.mark.parametrize(
     "edit, text",
     [
-        (lambda c: c.update(tau="high"), "key 'tau' must be a number in [-1, 1]"),
-        (lambda c: c.update(tau=1.5), "key 'tau'"),
+        (lambda c: c.update(tau="high"), "key 'tau' must be a finite number"),
+        (
+            lambda c: (c["settings"].update(health_score="cosine"), c.update(tau=1.5)),
+            "key 'tau' must be a number in [-1, 1]",
+        ),
         (lambda c: c.update(guidance_scale=-1), "key 'guidance_scale' must be a finite number > 0"),
         (lambda c: c.update(m_max=[0.05]), "key 'm_max' has 1 values for 2 map_channels"),
         (lambda c: c.update(m_max=[0.05, 0.0]), "key 'm_max' must be a non-empty list of finite numbers > 0"),
@@ -504,7 +507,7 @@ def bundle_inputs(model, matrix, tmp_path_factory) -> dict:
 BUNDLE_REFUSALS = {
     "guidance_scale": ({"guidance_scale": -1}, "error: ValueError: guidance_scale must be a finite number > 0, got -1"),
     "output_dir": ({"output_dir": "TAKEN"}, "OutputPathError: output_dir "),
-    "calibration_tau": ({"calibration": "TAU"}, "key 'tau' must be a number in [-1, 1] (a cosine), got 'high'"),
+    "calibration_tau": ({"calibration": "TAU"}, "key 'tau' must be a finite number, got 'high'"),
 }
 
 

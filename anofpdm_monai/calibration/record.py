@@ -121,6 +121,9 @@ class Calibration:
             flat = {k: data.pop(k) for k in list(data) if k in setting_names}
             data["settings"] = flat
             data["format"] = CALIBRATION_FORMAT
+        if isinstance(data.get("settings"), Mapping) and "health_score" not in data["settings"]:
+            # files written before the option existed thresholded the papers' cosine, whatever today's default
+            data["settings"] = {**data["settings"], "health_score": "cosine"}
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         required = ("settings", "guidance_scale", "m_max", "m_max_joint", "tau")
         missing = [k for k in required if k not in known]
