@@ -83,7 +83,15 @@ def select_guidance(
         raise CalibrationError(f"tolerance must be in (0, 1], got {tolerance}")
     best = max(accuracies.values())
     if chance is not None and best < chance + CHANCE_MARGIN:
-        return float(min(accuracies, key=lambda w: (abs(w - DEFAULT_GUIDANCE_SCALE), -w)))
+        w_star = float(min(accuracies, key=lambda w: (abs(w - DEFAULT_GUIDANCE_SCALE), -w)))
+        logger.warning(
+            "the slice classification is at chance for every w (best accuracy %.3f, majority class %.3f): w* = %g, "
+            "the candidate nearest the papers' w; the health labels of this calibration are unreliable",
+            best,
+            chance,
+            w_star,
+        )
+        return w_star
     return float(max(w for w, acc in accuracies.items() if acc >= tolerance * best))
 
 
@@ -142,14 +150,6 @@ def calibrate_from_statistics(
         )
     chance = float(max(healthy.mean(), unhealthy.mean()))
     w_star = select_guidance(accuracies, tolerance, chance=chance)
-    if max(accuracies.values()) < chance + CHANCE_MARGIN:
-        logger.warning(
-            "the slice classification is at chance for every w (best accuracy %.3f, majority class %.3f): w* = %g, "
-            "the candidate nearest the papers' w; the health labels of this calibration are unreliable",
-            max(accuracies.values()),
-            chance,
-            w_star,
-        )
     chosen = next(c for c in candidates if c["guidance_scale"] == w_star)
     m_chosen = np.asarray(chosen["m_max"] + [chosen["m_max_joint"]], dtype=np.float64)
     if not bool(np.all(np.isfinite(m_chosen) & (m_chosen > 0))):

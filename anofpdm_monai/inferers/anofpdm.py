@@ -214,7 +214,7 @@ class AnoFPDMInferer(Inferer):
         maps_m = r.anomaly_maps(s.end_step, s.aggregation)[0]  # (B, Cm, H, W)
         anomaly_map = maps_m.mean(dim=1)
         cosine = r.cosine()[0]
-        health = cosine if s.health_score == "cosine" else health_score(r, s.health_score)[0]
+        health = health_score(r, s.health_score)[0]
         pred = torch.ones_like(health, dtype=torch.long) if self.tau is None else (health <= self.tau).long()
         if self.m_max is not None:
             m = r.divergence_max(s.end_step)[0]  # (B, Cm) or (B, 1)
