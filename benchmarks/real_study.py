@@ -12,8 +12,10 @@ what is measured is what a user runs.
 Stages (``--stages``): ``train`` (resumes from the last checkpoint; the budget is wall-clock minutes per fold),
 ``calibrate``, ``evaluate`` (finished per-case results are reused) and ``report`` (docs tables in
 ``<output>/study.md`` + ``study.json``: per volume and pooled with the spread over volumes, and the health-score
-table of :mod:`benchmarks.health_scores`). Rerunning a finished stage is cheap: training stops at once when its
-budget is spent, calibration is skipped when its file exists, the evaluation reuses its stored cases.
+table of :mod:`benchmarks.health_scores`). Rerunning a finished stage is cheap. The training budget is the
+fold's total: the seconds already spent are kept in ``timings.json`` and subtracted, so a rerun with the same
+budget trains no more and a larger one continues from the last checkpoint. Calibration is skipped when its file
+exists, and the evaluation reuses its stored cases.
 
 The training recipe (``--modalities``, ``--learning-rate``, ``--flip-prob``, ``--dropout``, ``--train-max-timestep``,
 ``--ema-decay``) is the bundle's training options; docs/real_study.md lists what each run used.
@@ -51,6 +53,14 @@ def labelled_cases(data: Path, modalities: list[str]) -> list[dict[str, Any]]:
             entry["brain_mask"] = case["brain_mask"]
         entries.append(entry)
     return entries
+
+
+def record(timings_file: Path, timings: dict[str, Any], key: str, seconds: float, add: bool = False) -> None:
+    """Store a stage's seconds in the fold's ``timings.json`` at once, so that a later crash does not lose them."""
+    from anofpdm_monai.io import write_json
+
+    timings[key] = (timings.get(key, 0.0) if add else 0.0) + seconds
+    write_json(timings_file, timings)
 
 
 def deal_folds(ids: list[str], folds: int) -> list[list[str]]:
@@ -126,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda:0 (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    from anofpdm_monai.io import write_json
 
     if args.threads:
         import torch
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no manifest.json in {args.data}: pass --data <shared data folder>")
         entries = labelled_cases(args.data.resolve(), args.modalities)
         folds = deal_folds([e["id"] for e in entries], args.folds)
-        (out / "folds.json").write_text(json.dumps({"folds": folds, "args": vars(args)}, indent=2, default=str))
+        write_json(out / "folds.json", {"folds": folds, "args": vars(args)})
     for k in fold_ids:
         if not set(args.stages) & {"train", "classifier", "calibrate", "evaluate"}:
             break
@@ -165,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = fold_dir / "model" / "model.pt"
         timings_file = fold_dir / "timings.json"
         timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-        if "train" in args.stages:
+        train_left = args.train_minutes * 60 - timings.get("train_s", 0.0)
+        if "train" in args.stages and train_left < 30:
+            print(f"fold {k}: the {args.train_minutes:g}-minute training budget is spent", flush=True)
+        elif "train" in args.stages:
             t = time.time()
             run_bundle(
                 "train",
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 flip_prob=args.flip_prob,
                 train_max_timestep=args.train_max_timestep or None,
                 num_epochs=100000,
-                time_limit=int(args.train_minutes * 60),
+                time_limit=int(train_left),
                 ema_decay=args.ema_decay,
                 ema_warmup_iters=args.ema_warmup_iters,
                 num_workers=0,
@@ -188,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 preview_interval=100000,
                 seed=args.seed + k,
             )
-            timings["train_s"] = timings.get("train_s", 0.0) + time.time() - t
+            record(timings_file, timings, "train_s", time.time() - t, add=True)
         classifier = fold_dir / "classifier" / "classifier.pt"
         if "classifier" in args.stages:  # the noise-conditioned classifier of ddim_clf (train_classifier.json)
             t = time.time()
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_interval=5,
                 seed=args.seed + k,
             )
-            timings["classifier_s"] = timings.get("classifier_s", 0.0) + time.time() - t
+            record(timings_file, timings, "classifier_s", time.time() - t, add=True)
         from anofpdm_monai.postprocessing import scaled_min_component_size
 
         calibration = fold_dir / f"calibration{args.tag}.json"
@@ -228,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=64,
                 seed=0,
             )
-            timings["calibrate_s"] = time.time() - t
+            record(timings_file, timings, "calibrate_s", time.time() - t)
         if "evaluate" in args.stages:
             t = time.time()
             run_bundle(
@@ -246,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                 classifier_checkpoint=str(classifier) if "ddim_clf" in args.methods else None,
                 batch_size=64,
             )
-            timings["evaluate_s"] = time.time() - t
+            record(timings_file, timings, "evaluate_s", time.time() - t)
         if checkpoint.is_file():
             timings["checkpoint"] = checkpoint_info(checkpoint)
-        timings_file.write_text(json.dumps(timings, indent=2, default=str))
+            write_json(timings_file, timings)
     if "report" in args.stages:
         from study_report import write_report
 
