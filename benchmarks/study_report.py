@@ -9,7 +9,11 @@ fold's model, and writes ``<out>/study<tag>.md`` and ``study<tag>.json``:
    and MSE gap, a logistic
    regression on the curve features fitted on each fold's calibration volume, and the brain area alone): AUROC on all
    test slices and on the central slices only (brain area >= 60 % of the volume's largest), per volume and pooled.
-   A score that merely learns slice position beats nothing on the central slices.
+   A score that merely learns slice position beats nothing on the central slices;
+3. the divergence M_t step by step, for each AnoFPDM forward mode: the AUROC of M_t alone (tumour vs healthy slices,
+   all and central) and the median M_t of tumour slices over that of healthy slices, at a few grid steps. It shows
+   where along the grid the anomaly signal is (where argmax_t M_t should land) and how much of M_t's growth with t
+   is shared by healthy slices.
 
 The calibration volume's curves (for the logistic regression) are computed once per fold with the fold's calibrated
 DDIM inferer and cached in ``<fold>/health_validation.npz``.
@@ -179,6 +183,61 @@ def _health_rows(fold: int, inputs: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
+def _divergence_rows(fold: int, inputs: dict[str, Any]) -> pd.DataFrame:
+    """Per slice and grid step: M_t (mean over map modalities) of each AnoFPDM forward mode, with the slice label
+    and whether it is central."""
+    table = inputs["table"]
+    y = (table["lesion_area"].to_numpy() > 0).astype(np.int64)
+    area = table["brain_area"].to_numpy(dtype=np.float64)
+    case = table["case_id"].astype(str).to_numpy()
+    central = area >= CENTRAL_FRACTION * pd.Series(area).groupby(case).transform("max").to_numpy()
+    frames = []
+    for method in ("anofpdm", "anofpdm_ddpm"):
+        r = inputs["results"].get(method)
+        if r is None or "divergence" not in r:
+            continue
+        div = np.asarray(r["divergence"], dtype=np.float64).mean(-1)  # (N, K)
+        grid = inputs["results"].get("anofpdm", {}).get("timesteps")  # both forward modes share the calibrated grid
+        steps = np.arange(div.shape[1]) if grid is None else np.asarray(grid)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "fold": fold,
+                    "method": method,
+                    "slice": np.repeat(np.arange(len(y)), div.shape[1]),
+                    "t": np.tile(steps, len(y)),
+                    "m_t": div.reshape(-1),
+                    "y": np.repeat(y, div.shape[1]),
+                    "central": np.repeat(central, div.shape[1]),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def divergence_by_step(frame: pd.DataFrame, points: int = 8) -> pd.DataFrame:
+    """AUROC of M_t alone (all and central slices, pooled over folds) and the median tumour / healthy ratio at
+    ``points`` grid steps spread over the grid, per forward mode."""
+    rows = []
+    for method, group in frame.groupby("method", sort=False):
+        steps = np.sort(group["t"].unique())
+        chosen = steps[np.unique(np.linspace(1, len(steps) - 1, points).round().astype(int))]
+        for t in chosen:
+            at = group[group["t"] == t]
+            cen = at[at["central"]]
+            rows.append(
+                {
+                    "method": method,
+                    "t": int(t),
+                    "auroc_all": _auroc(at.y, at.m_t),
+                    "auroc_central": _auroc(cen.y, cen.m_t),
+                    "ratio": float(at.m_t[at.y == 1].median() / max(at.m_t[at.y == 0].median(), 1e-12)),
+                    "healthy_median": float(at.m_t[at.y == 0].median()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def source_statistics(out: Path) -> pd.DataFrame:
     """What the model sees of each volume after preprocessing (first channel, in [-1, 1]): quantiles of the brain
     pixels, of the healthy brain pixels, the mean outside the brain, and the slice count, one row per volume."""
@@ -227,7 +286,7 @@ def _fmt(mean: float, std: float | None = None, scale: float = 100.0) -> str:
 
 def write_report(out: Path, tag: str = "") -> dict[str, Any]:
     fold_dirs = sorted(p for p in out.glob("fold*") if p.is_dir())
-    volume_rows, health = [], []
+    volume_rows, health, divergence = [], [], []
     for fold_dir in fold_dirs:
         inputs = _fold_inputs(fold_dir, tag)
         if inputs is None:
@@ -236,6 +295,7 @@ def write_report(out: Path, tag: str = "") -> dict[str, Any]:
         fold = int(fold_dir.name[4:])
         volume_rows += _volume_rows(fold, inputs)
         health.append(_health_rows(fold, inputs))
+        divergence.append(_divergence_rows(fold, inputs))
     if not volume_rows:
         raise SystemExit(f"no finished fold under {out}")
     vol = pd.DataFrame(volume_rows)
@@ -316,6 +376,24 @@ def write_report(out: Path, tag: str = "") -> dict[str, Any]:
             "at_end_tumour": float(at_end[frame.y == 1].mean()),
             "at_end_healthy": float(at_end[frame.y == 0].mean()),
         }
+    steps = pd.concat(divergence, ignore_index=True) if any(len(d) for d in divergence) else None
+    if steps is not None:
+        by_step = divergence_by_step(steps)
+        lines.append("\n### The divergence M_t step by step (test slices of every fold, pooled)\n")
+        lines.append(
+            "AUROC of M_t alone for tumour vs healthy slices (x 100; central: brain area >= "
+            f"{CENTRAL_FRACTION:.0%} of the volume's largest), the median M_t of tumour slices over that of healthy "
+            "slices, and the healthy slices' median M_t (x 1000): where along the grid the anomaly signal is, and "
+            "how much of M_t's growth with t every slice shares.\n"
+        )
+        lines.append("| Forward | t | AUROC all | AUROC central | tumour / healthy | healthy median M_t x 1000 |")
+        lines.append("|---|---|---|---|---|---|")
+        for row in by_step.itertuples(index=False):
+            lines.append(
+                f"| {row.method} | {row.t} | {_fmt(row.auroc_all)} | {_fmt(row.auroc_central)} | {row.ratio:.2f} | "
+                f"{1000 * row.healthy_median:.2f} |"
+            )
+        report["divergence_by_step"] = by_step.to_dict(orient="records")
     sources = source_statistics(out)
     if len(sources):
         lines.append("\n### What the model sees of each volume (first channel after preprocessing, in [-1, 1])\n")

@@ -1,0 +1,71 @@
+"""benchmarks/study_report.py: the step-by-step divergence table on curves whose answer is known by construction, and
+the real-MRI study's fold bookkeeping (training budget on rerun)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import real_study  # noqa: E402
+import study_report  # noqa: E402
+
+
+def _frame() -> pd.DataFrame:
+    """Four healthy and four tumour slices on the grid 0, 10, ..., 50. Every slice's M_t grows as (1 + t); tumour
+    slices carry an extra bump at t = 20 (x3 there) and nothing elsewhere. Two slices of each class are central."""
+    steps = np.arange(0, 60, 10)
+    rows = []
+    for i in range(8):
+        tumour = i >= 4
+        for t in steps:
+            m_t = (1.0 + t) * (1.0 + 0.01 * (i % 4))  # slice-specific scale, same order in both classes
+            if tumour and t == 20:
+                m_t *= 3.0
+            rows.append({"method": "anofpdm", "t": t, "m_t": m_t, "y": int(tumour), "central": i % 4 < 2})
+    return pd.DataFrame(rows)
+
+
+def test_divergence_by_step_finds_the_bump_and_the_shared_growth():
+    table = study_report.divergence_by_step(_frame(), points=5).set_index("t")
+    assert list(table.index) == [10, 20, 30, 40, 50]  # step 0 is left out, the last step is kept
+    # at the bump every tumour slice is above every healthy one; elsewhere the within-class scales interleave
+    assert table.loc[20, "auroc_all"] == pytest.approx(1.0)
+    assert table.loc[20, "auroc_central"] == pytest.approx(1.0)
+    assert table.loc[20, "ratio"] == pytest.approx(3.0)
+    for t in (10, 30, 40, 50):
+        assert table.loc[t, "ratio"] == pytest.approx(1.0)
+        assert table.loc[t, "auroc_all"] == pytest.approx(0.5)
+    # the healthy median grows as 1 + t times the median of the scales 1.00 .. 1.03
+    assert table.loc[50, "healthy_median"] == pytest.approx(51 * 1.015)
+
+
+def test_the_training_budget_is_the_folds_total(tmp_path, monkeypatch):
+    """A rerun with the same budget does not train again; a larger budget trains only the difference."""
+    calls: list[dict] = []
+    monkeypatch.setattr(real_study, "run_bundle", lambda config, **kw: calls.append({"config": config, **kw}))
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = [{"id": f"case{i}", "modalities": {"flair": f"c{i}.nii.gz"}, "label": f"s{i}.nii.gz"} for i in range(6)]
+    (data / "manifest.json").write_text(json.dumps({"cases": cases}))
+    out = tmp_path / "out"
+    base = ["--data", str(data), "--output", str(out), "--only-folds", "0", "--stages", "train"]
+    timings = out / "fold0" / "timings.json"
+
+    assert real_study.main([*base, "--train-minutes", "2"]) == 0
+    assert len(calls) == 1 and calls[0]["config"] == "train" and calls[0]["time_limit"] == 120
+    spent = json.loads(timings.read_text())["train_s"]
+    timings.write_text(json.dumps({"train_s": spent + 120.0}))  # as if the run had used its 2 minutes
+
+    assert real_study.main([*base, "--train-minutes", "2"]) == 0
+    assert len(calls) == 1  # spent: no second run
+    assert real_study.main([*base, "--train-minutes", "5"]) == 0
+    assert len(calls) == 2
+    assert calls[1]["time_limit"] == pytest.approx(300 - spent - 120.0, abs=1.0)
