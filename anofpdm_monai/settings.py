@@ -26,6 +26,7 @@ __all__ = [
     "END_STEPS",
     "AGGREGATIONS",
     "HEALTH_SCORES",
+    "DIVERGENCE_BASELINES",
     "CALIBRATED_FIELDS",
     "check_choice",
     "check_guidance_scale",
@@ -45,9 +46,21 @@ END_STEPS = ("per_modality", "joint")
 AGGREGATIONS = ("mean", "last")
 #: slice health scores (anofpdm_monai/inferers/health.py); "cosine" is the papers'
 HEALTH_SCORES = ("cosine", "mse_gap", "divergence")
+#: what M_t is measured against before t_e and M are taken: "none" (the papers) or "healthy" (step by step, the
+#: calibration's median M_t of healthy slices; docs/method.md §3.6)
+DIVERGENCE_BASELINES = ("none", "healthy")
 
 #: the options calibrated constants depend on: a calibration is refused for a setting that differs in one of them
-CALIBRATED_FIELDS = ("timesteps", "forward", "reference", "divergence", "end_step", "clip", "health_score")
+CALIBRATED_FIELDS = (
+    "timesteps",
+    "forward",
+    "reference",
+    "divergence",
+    "end_step",
+    "clip",
+    "health_score",
+    "divergence_baseline",
+)
 
 
 def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
@@ -88,6 +101,10 @@ class AnoFPDMSettings:
         health_score: the slice health score compared with the calibrated tau: ``"mse_gap"`` (the default, chosen
             by the real-MRI study), ``"cosine"`` (the papers') or ``"divergence"``; see
             :mod:`anofpdm_monai.inferers.health`.
+        divergence_baseline: ``"none"`` (the papers: t_e = argmax_t M_t) or ``"healthy"``: M_t is divided, step by
+            step, by the median M_t of the calibration's healthy slices before t_e and M are taken, so that t_e lands
+            where the slice departs most from healthy slices rather than where every slice's M_t is largest. The
+            curve is a calibrated constant (image labels only).
     """
 
     t_max: int = 599
@@ -103,6 +120,7 @@ class AnoFPDMSettings:
     min_component_size: int = 40
     clip: bool = True
     health_score: str = "mse_gap"  # measured: docs/real_study.md (the papers' cosine was at or below chance there)
+    divergence_baseline: str = "none"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise types once, here
@@ -119,6 +137,10 @@ class AnoFPDMSettings:
         check_choice("end_step", self.end_step, END_STEPS)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("health_score", self.health_score, HEALTH_SCORES)
+        check_choice("divergence_baseline", self.divergence_baseline, DIVERGENCE_BASELINES)
+        if self.divergence_baseline == "healthy" and self.health_score == "divergence":
+            # the calibration pass scores the slices before the baseline exists; the score would differ at inference
+            raise ValueError("health_score 'divergence' cannot be combined with divergence_baseline 'healthy'")
         q = tuple(float(v) for v in self.quantile_range)
         if len(q) != 2 or not all(math.isfinite(v) for v in q) or not 0.0 <= q[0] <= q[1] <= 1.0:
             raise ValueError(f"quantile_range must be (a, b) with 0 <= a <= b <= 1, got {list(self.quantile_range)}")

@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--t-max", type=int, default=599, help="last step of AnoFPDM's grid (official 599)")
     parser.add_argument("--stride", type=int, default=20, help="AnoFPDM step-grid stride")
+    parser.add_argument(
+        "--divergence-baseline", default=None, choices=["none", "healthy"], help="t_e on M_t relative to healthy slices"
+    )
     parser.add_argument("--guidance-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0, 5.0])
     parser.add_argument("--methods", nargs="+", default=STUDY_METHODS)
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0], help="seeds of the stochastic methods")
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 t_max=args.t_max,
                 stride=args.stride,
                 guidance_scales=args.guidance_scales,
+                divergence_baseline=args.divergence_baseline,
                 min_component_size=scaled_min_component_size(args.image_size),
                 batch_size=64,
                 seed=0,

@@ -211,6 +211,69 @@ def test_calibrate_from_statistics_refuses_a_zero_m_max():
     assert calibrate_from_statistics(_statistics(LABELS, COSINE, div, DIV_JOINT))["guidance_scale"] == 3.0
 
 
+def test_calibrate_with_the_healthy_baseline_hand_derived():
+    """``divergence_baseline="healthy"``: b_t = median of the healthy slices' M_t per step (and modality); M_max and
+    the joint M_max are taken on M_t / b_t; the curve of w* is recorded."""
+    # one w, K = 3 steps, Cm = 1; healthy slices 0-2, unhealthy 3-4
+    curves = np.array(
+        [
+            [[1.0], [10.0], [100.0]],
+            [[2.0], [20.0], [200.0]],
+            [[4.0], [40.0], [400.0]],
+            [[6.0], [30.0], [220.0]],
+            [[2.0], [60.0], [100.0]],
+        ]
+    )[None]  # (1, 5, 3, 1)
+    stats = CalibrationStatistics(
+        guidance_scales=np.asarray([2.0]),
+        divergence_max=curves.max(axis=2),
+        divergence_max_joint=curves.mean(axis=3).max(axis=2),
+        score=np.asarray([[0.0, 0.1, 0.2, -1.0, -2.0]]),
+        labels=np.asarray([0, 0, 0, 1, 1]),
+        divergence=curves,
+    )
+    out = calibrate_from_statistics(stats, divergence_baseline="healthy")
+    # healthy medians per step: 2, 20, 200; relative curves of the unhealthy slices: (3, 1.5, 1.1) and (1, 3, 0.5)
+    np.testing.assert_allclose(out["baseline_curve"], [[2.0], [20.0], [200.0]])
+    assert out["m_max"] == pytest.approx([3.0]) and out["m_max_joint"] == pytest.approx(3.0)
+    # without the baseline: the raw maxima (220 and 100 -> 220)
+    raw = calibrate_from_statistics(stats)
+    assert raw["m_max"] == pytest.approx([220.0]) and raw["baseline_curve"] is None
+    stats.divergence = None
+    with pytest.raises(CalibrationError, match="needs the M_t curves"):
+        calibrate_from_statistics(stats, divergence_baseline="healthy")
+
+
+def test_the_baseline_curve_in_the_calibration_file(tmp_path):
+    healthy = AnoFPDMSettings(timesteps=GRID, min_component_size=10, divergence_baseline="healthy")
+    curve = [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]]  # 4 steps x 2 map channels
+    cal = _calibration(settings=healthy, baseline_curve=curve)
+    loaded = Calibration.load(cal.save(tmp_path / "c.json"))
+    assert loaded.baseline_curve == curve and loaded.divergence_baseline == "healthy"
+    inferer = AnoFPDMInferer.from_calibration(loaded)
+    np.testing.assert_array_equal(inferer.baseline_curve.numpy(), curve)
+    with pytest.raises(CalibrationError, match="divergence_baseline 'healthy' vs 'none'"):
+        loaded.check(settings=AnoFPDMSettings(timesteps=GRID))
+    bad = {
+        "missing": None,
+        "one step short": curve[:3],
+        "a zero": [[0.0, 0.2], *curve[1:]],
+        "not numbers": [["a", "b"], *curve[1:]],
+    }
+    for name, value in bad.items():
+        data = cal.to_dict() | {"baseline_curve": value}
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(CalibrationError, match=r"key 'baseline_curve' must be 4 x 2 finite numbers > 0") as info:
+            Calibration.load(tmp_path / "bad.json")
+        assert "\n" not in str(info.value), name
+    data = _calibration().to_dict() | {"baseline_curve": curve}  # a curve the settings do not use
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(CalibrationError, match="baseline_curve' is set but settings.divergence_baseline is 'none'"):
+        Calibration.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        AnoFPDMSettings(divergence_baseline="healthy", health_score="divergence")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # collect_statistics: one pass for all w == separate passes per w
 # --------------------------------------------------------------------------------------------------------------------
@@ -457,6 +520,45 @@ def test_run_calibration_end_to_end(synthetic, tmp_path):
     # the chosen candidate's values are the ones recorded
     chosen = next(c for c in loaded.candidates if c["guidance_scale"] == loaded.guidance_scale)
     assert (chosen["tau"], chosen["m_max"]) == (loaded.tau, loaded.m_max)
+
+
+def test_run_calibration_with_the_healthy_baseline(synthetic, tmp_path):
+    """The file records the median raw M_t of the healthy validation slices at w* (recomputed here from a raw pass),
+    and inference from it divides by that curve."""
+    kwargs = dict(map_modalities=["flair"], timesteps=GRID, batch_size=32, progress=False, seed=0)
+    out = tmp_path / "calibration.json"
+    cal = run_calibration(
+        synthetic["checkpoint"],
+        synthetic["datalist"],
+        synthetic["root"] / "data",
+        out,
+        tmp_path / "cache",
+        guidance_scales=[2.0],
+        divergence_baseline="healthy",
+        **kwargs,
+    )
+    assert Calibration.load(out) == cal and cal.divergence_baseline == "healthy"
+    from anofpdm_monai.data import SliceDataset
+    from anofpdm_monai.networks import load_network
+
+    network, info = load_network(synthetic["checkpoint"])
+    data = SliceDataset.from_datalist(
+        synthetic["datalist"],
+        synthetic["root"] / "data",
+        "validation",
+        tmp_path / "cache",
+        info["preprocessing"],
+        progress=False,
+    )
+    x = torch.stack([data[i]["image"] for i in range(len(data))])
+    labels = np.asarray(data.slice_labels)
+    inferer = AnoFPDMInferer.from_calibration(cal, scheduler=info["schedule"], seed=0)
+    raw = inferer.forward_process(x, network, relative=False).divergence[0].numpy()  # (N, K, 1)
+    expected = np.median(raw[labels == 0], axis=0)
+    np.testing.assert_allclose(cal.baseline_curve, expected, rtol=1e-4)  # batches of 32 vs one batch: float32
+    rel = inferer.run(x, network).divergence[0].numpy()
+    np.testing.assert_allclose(rel, raw / expected, rtol=1e-4)
+    np.testing.assert_allclose(cal.m_max, [(raw / expected)[labels == 1].max()], rtol=1e-4)
 
 
 def test_run_calibration_refuses_unknown_map_modality(synthetic, tmp_path):

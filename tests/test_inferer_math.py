@@ -578,6 +578,44 @@ def test_streaming_equals_naive(forward, reference, divergence, mode, clip):
         assert counts["nonempty_masks"] > 0 and counts["interior_te"] > 0, counts
 
 
+@pytest.mark.parametrize("forward", ["ddim", "ddpm"])
+def test_healthy_baseline_divides_m_t_before_the_end_step(forward):
+    """``divergence_baseline="healthy"``: M_t / b_t (b a given positive (K, Cm) curve) replaces M_t everywhere: t_e is
+    its first argmax, the map averages S_t up to that t_e, M = max_t M_t / b_t feeds Algorithm 1 (naive float64
+    reference on the stored trajectory)."""
+    x0_np = make_slices()
+    x0 = torch.from_numpy(x0_np).float()
+    grid, channels, w = STRIDED_GRID, [0, 2], 2.0
+    net = _net("affine", x0_np)
+    traj = naive_trajectory(net, x0_np, forward_noises(forward, len(grid)), grid, w, forward, "null", True)
+    raw = naive_statistics(traj, x0_np, channels, "v2")
+    # a baseline that grows with t like the slices' own M_t, perturbed per step so that the ratio's argmax moves
+    factor = np.random.default_rng(3).uniform(0.5, 1.5, size=(len(grid), len(channels)))
+    curve = raw["M"].mean(axis=0) * factor
+    rel = dict(raw, M=raw["M"] / curve)
+    rel["te"], rel["te_joint"] = rel["M"].argmax(axis=1), rel["M"].mean(axis=2).argmax(axis=1)
+    assert (rel["te"] != raw["te"]).any(), "the baseline must move some end steps (the test would be vacuous)"
+    m_max = _safe_m_max(naive_divergence_max(rel, "per_modality"))
+    ref = naive_postprocess(rel, "per_modality", "mean", m_max, None)
+    options = dict(guidance_scale=w, map_channels=channels, timesteps=grid, forward=forward, seed=SEED)
+    inferer = AnoFPDMInferer(divergence_baseline="healthy", baseline_curve=curve, m_max=m_max.tolist(), **options)
+    result = inferer.run(x0, net)
+    _check_tie_margins(rel, _np(result.divergence[0]), forward)
+    out = inferer.postprocess(result)
+    np.testing.assert_allclose(_np(out.divergence), rel["M"], rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(out.end_step.numpy(), np.asarray(grid)[rel["te"]])
+    np.testing.assert_allclose(_np(out.anomaly_map), ref["H"], rtol=MAP_RTOL, atol=MAP_ATOL)
+    np.testing.assert_allclose(_np(out.threshold), ref["thr"], rtol=MAP_RTOL, atol=MAP_ATOL)
+    np.testing.assert_allclose(_np(result.divergence_max()[0]), ref["M"], rtol=2e-5, atol=1e-6)
+    # the calibration pass asks for the raw curves; without the curve the setting is refused
+    raw_run = inferer.forward_process(x0, net, relative=False)
+    np.testing.assert_allclose(_np(raw_run.divergence[0]), raw["M"], **CURVE_TOL)
+    with pytest.raises(ValueError, match="needs the calibrated baseline_curve"):
+        AnoFPDMInferer(divergence_baseline="healthy", m_max=m_max.tolist(), **options)(x0, net)
+    with pytest.raises(ValueError, match="baseline_curve must be"):
+        AnoFPDMInferer(divergence_baseline="healthy", baseline_curve=curve[1:], **options)
+
+
 def test_first_maximum_and_inclusive_end_step():
     """Exact ties of M_t (saturated predictions on a plateau of steps): t_e is the FIRST maximum, and the mean map
     includes t_e itself (also when t_e is the first grid step, where the official code gives NaN)."""

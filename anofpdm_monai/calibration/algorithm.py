@@ -13,6 +13,10 @@ From the validation slices' statistics and their healthy/unhealthy labels (no pi
   and the rule then picked the weakest guidance, whose maps were empty); w* is then the candidate nearest the
   papers' w (``DEFAULT_GUIDANCE_SCALE``), with a warning.
 
+With ``divergence_baseline="healthy"`` (beyond the papers), M_t is first divided, step by step, by the baseline
+curve: the median M_t of the healthy validation slices at that step and w (one curve per map modality); M_max and
+everything after it are then taken on the relative curves, and the curve of w* is recorded.
+
 The statistics come from ONE pass of network calls over the validation set for all candidates at once
 (:mod:`anofpdm_monai.calibration.engine`).
 """
@@ -35,6 +39,7 @@ __all__ = [
     "CalibrationStatistics",
     "select_tau",
     "select_guidance",
+    "baseline_curve",
     "calibrate_from_statistics",
 ]
 
@@ -105,6 +110,7 @@ class CalibrationStatistics:
         divergence_max_joint: (W, N) max_t of the modality-mean M_t.
         score: (W, N) health score of each slice (the cosine of the MSE curves by default; low = unhealthy).
         labels: (N,) slice labels (0 healthy, 1 unhealthy).
+        divergence: (W, N, K, Cm) the M_t curves themselves; needed only for ``divergence_baseline="healthy"``.
     """
 
     guidance_scales: np.ndarray
@@ -112,16 +118,29 @@ class CalibrationStatistics:
     divergence_max_joint: np.ndarray
     score: np.ndarray
     labels: np.ndarray
+    divergence: np.ndarray | None = None
+
+
+def baseline_curve(curves: np.ndarray, healthy: np.ndarray) -> np.ndarray:
+    """(K, Cm) the median M_t of the healthy slices at each step, from (N, K, Cm) curves; floored at 1e-12 of its
+    largest value (and at the smallest positive float64), so that the division is defined where healthy slices have
+    M_t = 0 (e.g. w = 0 with the healthy reference)."""
+    median = np.median(np.asarray(curves, dtype=np.float64)[np.asarray(healthy, dtype=bool)], axis=0)
+    floor = max(float(np.nanmax(median)) * 1e-12, np.finfo(np.float64).tiny) if median.size else 1.0
+    return np.maximum(median, floor)
 
 
 def calibrate_from_statistics(
-    stats: CalibrationStatistics, tolerance: float = DEFAULT_TOLERANCE, tau_levels: Sequence[float] = DEFAULT_TAU_LEVELS
+    stats: CalibrationStatistics,
+    tolerance: float = DEFAULT_TOLERANCE,
+    tau_levels: Sequence[float] = DEFAULT_TAU_LEVELS,
+    divergence_baseline: str = "none",
 ) -> dict[str, Any]:
     """M_max, tau and w* from validation statistics (pure function).
 
     Returns:
         dict with ``guidance_scale``, ``m_max`` (list per modality), ``m_max_joint``, ``tau``, ``candidates``,
-        ``num_healthy``, ``num_unhealthy``.
+        ``num_healthy``, ``num_unhealthy``, and ``baseline_curve`` ((K, Cm) list of w*, or None).
     """
     labels = np.asarray(stats.labels).astype(np.int64)
     healthy, unhealthy = labels == 0, labels == 1
@@ -131,13 +150,22 @@ def calibrate_from_statistics(
             f"{int(unhealthy.sum())} unhealthy)"
         )
     ws = [float(w) for w in np.asarray(stats.guidance_scales).reshape(-1)]
-    candidates, accuracies = [], {}
+    relative = divergence_baseline == "healthy"
+    if relative and stats.divergence is None:
+        raise CalibrationError("divergence_baseline='healthy' needs the M_t curves of the validation slices")
+    candidates, accuracies, curves = [], {}, {}
     for i, w in enumerate(ws):
         c = np.asarray(stats.score[i], dtype=np.float64)
         tau, err = select_tau(c[healthy], c[unhealthy], tau_levels)
         accuracy = 1.0 - err / labels.size
-        m_max = np.asarray(stats.divergence_max[i])[unhealthy].max(axis=0)
-        m_max_joint = float(np.asarray(stats.divergence_max_joint[i])[unhealthy].max())
+        if relative:
+            curves[w] = baseline_curve(stats.divergence[i], healthy)
+            rel = np.asarray(stats.divergence[i], dtype=np.float64) / curves[w]  # (N, K, Cm)
+            div_max, div_max_joint = rel.max(axis=1), rel.mean(axis=2).max(axis=1)
+        else:
+            div_max, div_max_joint = np.asarray(stats.divergence_max[i]), np.asarray(stats.divergence_max_joint[i])
+        m_max = div_max[unhealthy].max(axis=0)
+        m_max_joint = float(div_max_joint[unhealthy].max())
         accuracies[w] = accuracy
         candidates.append(
             {
@@ -167,4 +195,5 @@ def calibrate_from_statistics(
         "candidates": candidates,
         "num_healthy": int(healthy.sum()),
         "num_unhealthy": int(unhealthy.sum()),
+        "baseline_curve": curves[w_star].tolist() if relative else None,
     }

@@ -49,7 +49,8 @@ class CalibrationInferer(Inferer):
 
     Returns (when called):
         dict with ``divergence_max`` (W, B, Cm), ``divergence_max_joint`` (W, B) and ``score`` (W, B), the health
-        score of the inferer's settings (the cosine by default).
+        score of the inferer's settings; with ``divergence_baseline="healthy"`` also the raw M_t curves
+        ``divergence`` (W, B, K, Cm), from which the calibration takes the healthy baseline.
     """
 
     def __init__(self, inferer: AnoFPDMInferer, guidance_scales: Sequence[float] = DEFAULT_GUIDANCE_CANDIDATES) -> None:
@@ -61,12 +62,17 @@ class CalibrationInferer(Inferer):
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        result = self.inferer.forward_process(inputs, network, guidance_scales=self.guidance_scales, need_maps=False)
-        return {
+        result = self.inferer.forward_process(
+            inputs, network, guidance_scales=self.guidance_scales, need_maps=False, relative=False
+        )
+        out = {
             "divergence_max": result.divergence_max("per_modality").cpu(),
             "divergence_max_joint": result.divergence_max("joint")[..., 0].cpu(),
             "score": health_score(result, self.inferer.settings.health_score).cpu(),
         }
+        if self.inferer.settings.divergence_baseline == "healthy":
+            out["divergence"] = result.divergence.cpu()
+        return out
 
 
 class StatisticsAccumulator:
@@ -77,9 +83,11 @@ class StatisticsAccumulator:
         self.reset()
 
     def reset(self) -> None:
-        self._parts: dict[str, list[torch.Tensor]] = {"div": [], "div_j": [], "score": [], "labels": []}
+        self._parts: dict[str, list[torch.Tensor]] = {"div": [], "div_j": [], "score": [], "labels": [], "curves": []}
 
     def update(self, output: Mapping[str, torch.Tensor], labels: Any) -> None:
+        if "divergence" in output:
+            self._parts["curves"].append(torch.as_tensor(output["divergence"]).cpu())
         self._parts["div"].append(torch.as_tensor(output["divergence_max"]).cpu())
         self._parts["div_j"].append(torch.as_tensor(output["divergence_max_joint"]).cpu())
         self._parts["score"].append(torch.as_tensor(output["score"]).cpu())
@@ -102,6 +110,7 @@ class StatisticsAccumulator:
             divergence_max_joint=torch.cat(self._parts["div_j"], dim=1).numpy(),
             score=torch.cat(self._parts["score"], dim=1).numpy(),
             labels=torch.cat(self._parts["labels"]).numpy(),
+            divergence=torch.cat(self._parts["curves"], dim=1).numpy() if self._parts["curves"] else None,
         )
 
 
@@ -205,7 +214,9 @@ def make_calibration(
 ) -> Calibration:
     """The :class:`Calibration` record of validation statistics gathered with ``inferer``'s settings."""
     info = dict(model_info or {})
-    result = calibrate_from_statistics(stats, tolerance=tolerance)
+    result = calibrate_from_statistics(
+        stats, tolerance=tolerance, divergence_baseline=inferer.settings.divergence_baseline
+    )
     return Calibration(
         settings=inferer.settings.with_grid(inferer.schedule.num_train_timesteps),
         map_modalities=list(map_modalities),

@@ -54,6 +54,8 @@ class Calibration:
         candidates: per candidate w: accuracy, tau, m_max.
         tolerance: the w* tolerance.
         num_healthy, num_unhealthy: validation slices used.
+        baseline_curve: (K, Cm) the healthy slices' median M_t per grid step and map modality at w*
+            (``divergence_baseline="healthy"``; None otherwise).
     """
 
     settings: AnoFPDMSettings
@@ -71,6 +73,7 @@ class Calibration:
     tolerance: float = DEFAULT_TOLERANCE
     num_healthy: int = 0
     num_unhealthy: int = 0
+    baseline_curve: list[list[float]] | None = None
     format: str = CALIBRATION_FORMAT
     created: str = ""
 
@@ -138,6 +141,7 @@ class Calibration:
         except (TypeError, ValueError) as exc:
             raise CalibrationError(f"{source}: {exc}") from None
         _check_grid(data, cal, source)
+        _check_baseline(cal, source)
         return cal
 
     @classmethod
@@ -343,6 +347,29 @@ def _check_grid(data: Mapping[str, Any], cal: Calibration, source: str) -> None:
         raise CalibrationError(
             f"{source}: key 'settings' describes the grid {_short(grid)}, not the grid its statistics were computed "
             "on (grid_digest differs); a calibration's grid cannot be edited: recalibrate"
+        )
+
+
+def _check_baseline(cal: Calibration, source: str) -> None:
+    """``baseline_curve``: present exactly when the settings divide by it, one positive value per grid step and map
+    channel."""
+    curve = cal.baseline_curve
+    if cal.settings.divergence_baseline != "healthy":
+        if curve is not None:
+            raise CalibrationError(
+                f"{source}: key 'baseline_curve' is set but settings.divergence_baseline is "
+                f"{cal.settings.divergence_baseline!r}"
+            )
+        return
+    shape = (len(cal.timesteps), len(cal.map_channels) or len(cal.m_max))
+    try:
+        values = np.asarray(curve, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.zeros(0)
+    if curve is None or values.shape != shape or not bool(np.all(np.isfinite(values) & (values > 0))):
+        raise CalibrationError(
+            f"{source}: key 'baseline_curve' must be {shape[0]} x {shape[1]} finite numbers > 0 (grid steps x map "
+            "channels) for divergence_baseline 'healthy'"
         )
 
 

@@ -94,6 +94,8 @@ class AnoFPDMInferer(Inferer):
             Algorithm 1 (the threshold then comes from ``threshold``).
         tau: calibrated threshold of the health score (cosine by default); None classifies every slice as unhealthy.
         threshold: a fixed map threshold, used only when ``m_max`` is None.
+        baseline_curve: the calibrated (K, Cm) median M_t of healthy slices; required by
+            ``divergence_baseline="healthy"`` (from the calibration: :meth:`from_calibration`).
         scheduler: the model's schedule, a :class:`~anofpdm_monai.schedule.NoiseSchedule` or a MONAI scheduler;
             default: the papers' linear schedule with T = 1000 (use the one recorded in the checkpoint).
         seed: seed of the forward noise (DDPM forward, and the first DDIM step); None uses the global RNG.
@@ -109,6 +111,7 @@ class AnoFPDMInferer(Inferer):
         m_max: Sequence[float] | float | None = None,
         tau: float | None = None,
         threshold: float | None = None,
+        baseline_curve: Sequence[Sequence[float]] | torch.Tensor | None = None,
         scheduler: Any = None,
         seed: int | None = 0,
         autocast_dtype: torch.dtype | None = None,
@@ -142,6 +145,15 @@ class AnoFPDMInferer(Inferer):
             raise ValueError(f"tau must be finite, got {tau}")
         self.tau = None if tau is None else float(tau)
         self.threshold = threshold
+        self.baseline_curve = None
+        if baseline_curve is not None:
+            curve = torch.as_tensor(baseline_curve, dtype=torch.float64)
+            if tuple(curve.shape) != (len(self.timesteps), len(self.map_channels)):
+                raise ValueError(
+                    f"baseline_curve must be (grid steps, map channels) = "
+                    f"{(len(self.timesteps), len(self.map_channels))}, got {tuple(curve.shape)}"
+                )
+            self.baseline_curve = curve
         self.seed = seed
         self.autocast_dtype = autocast_dtype
         self.progress = progress
@@ -164,6 +176,7 @@ class AnoFPDMInferer(Inferer):
             "map_channels": calibration.map_channels,
             "m_max": calibration.m_max_for(settings.end_step),
             "tau": calibration.tau,
+            "baseline_curve": calibration.baseline_curve,
         }
         kwargs.update(rest)
         return cls(settings, scheduler=scheduler, **kwargs)
@@ -186,10 +199,22 @@ class AnoFPDMInferer(Inferer):
         network: nn.Module,
         guidance_scales: Sequence[float] | None = None,
         need_maps: bool = True,
+        relative: bool = True,
     ) -> ForwardProcessResult:
-        """Run :func:`run_forward_process` with this inferer's settings (several w at once if given)."""
+        """Run :func:`run_forward_process` with this inferer's settings (several w at once if given).
+
+        With ``divergence_baseline="healthy"`` M_t is divided by the calibrated ``baseline_curve``; ``relative=False``
+        gives the raw M_t instead (the calibration pass, which computes the curve)."""
         ws = [self.guidance_scale] if guidance_scales is None else list(guidance_scales)
         s = self.settings
+        baseline = None
+        if relative and s.divergence_baseline == "healthy":
+            if self.baseline_curve is None:
+                raise ValueError(
+                    "divergence_baseline='healthy' needs the calibrated baseline_curve (a calibration made with that "
+                    "setting: AnoFPDMInferer.from_calibration)"
+                )
+            baseline = self.baseline_curve
         return run_forward_process(
             network,
             inputs,
@@ -205,6 +230,7 @@ class AnoFPDMInferer(Inferer):
             generator=self._generator(inputs.device),
             autocast_dtype=self.autocast_dtype,
             progress=self.progress,
+            baseline_curve=baseline,
         )
 
     def thresholds(self, result: ForwardProcessResult, w_index: int = 0) -> SliceThresholds:

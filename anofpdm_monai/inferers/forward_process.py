@@ -34,7 +34,7 @@ class ForwardProcessResult:
     Attributes:
         timesteps: (K,) the step grid.
         guidance_scales: (W,) the guidance scales evaluated.
-        divergence: (W, B, K, Cm) M_t per map modality.
+        divergence: (W, B, K, Cm) M_t per map modality (relative to the healthy baseline when one was given).
         mse_guided: (W, B, K) mean over map modalities and pixels of (x0_h - x0)^2.
         mse_reference: (B, K) the same for the reference prediction x0_ref.
         end_index: (W, B, Cm) grid index of argmax_t M_t per modality (first maximum).
@@ -113,6 +113,7 @@ def run_forward_process(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    baseline_curve: torch.Tensor | None = None,
 ) -> ForwardProcessResult:
     """Run the forward process once and stream every statistic AnoFPDM needs, for several w at once.
 
@@ -132,6 +133,8 @@ def run_forward_process(
         autocast_dtype: run the network under ``torch.autocast`` with this dtype (e.g. bf16 on GPU); all other
             arithmetic stays in float32 with float64 schedule coefficients.
         progress: show a progress bar over the steps.
+        baseline_curve: (K, Cm) positive curve; M_t of every slice is divided by it, step by step, before t_e is
+            taken and stored (``divergence_baseline="healthy"``, docs/method.md §3.6). None: M_t as is.
 
     Returns:
         :class:`ForwardProcessResult`.
@@ -148,6 +151,16 @@ def run_forward_process(
     channels = list(map_channels)
     if not channels or min(channels) < 0 or max(channels) >= x0.shape[1]:
         raise ValueError(f"map_channels {channels} out of range for {x0.shape[1]} input channels")
+    baseline = None
+    if baseline_curve is not None:
+        baseline = torch.as_tensor(baseline_curve, dtype=torch.float32, device=x0.device)
+        if tuple(baseline.shape) != (len(grid), len(channels)):
+            raise ValueError(
+                f"baseline_curve must be (steps, map channels) = {(len(grid), len(channels))}, "
+                f"got {tuple(baseline.shape)}"
+            )
+        if not bool(torch.isfinite(baseline).all()) or bool((baseline <= 0).any()):
+            raise ValueError("baseline_curve must be finite and > 0")
 
     x0 = x0.float()
     B = x0.shape[0]
@@ -202,6 +215,8 @@ def run_forward_process(
             m_t = ((x0_g - x0_ref[None]) ** 2).mean(dim=(-2, -1))
         else:
             m_t = (sq_g - sq_r[None]).abs().mean(dim=(-2, -1))
+        if baseline is not None:
+            m_t = m_t / baseline[k]
         div[:, :, k] = m_t
         mse_g[:, :, k] = sq_g.mean(dim=(-3, -2, -1))
         mse_r[:, k] = sq_r.mean(dim=(-3, -2, -1))
