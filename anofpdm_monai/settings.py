@@ -105,7 +105,7 @@ class AnoFPDMSettings:
             step, by the median M_t of the calibration's healthy slices before t_e and M are taken, so that t_e lands
             where the slice departs most from healthy slices rather than where every slice's M_t is largest. The
             curve is a calibrated constant (image labels only). Not the default: on real MRI it helped one fold's
-            maps and hurt another's (docs/real_study.md, ablation 1).
+            maps and hurt two others' (docs/real_study.md, ablation 1).
     """
 
     t_max: int = 599

@@ -177,20 +177,23 @@ def _health_rows(fold: int, inputs: dict[str, Any]) -> pd.DataFrame:
         {k: test[k] for k in (*SCORES, "end_fraction", "cosine_pred", "mse_gap_pred", "divergence_pred")}
     )
     frame["fold"], frame["case"] = fold, table["case_id"].astype(str).to_numpy()
-    frame["y"] = (table["lesion_area"].to_numpy() > 0).astype(np.int64)
-    largest = frame.groupby("case")["brain_area"].transform("max")
-    frame["central"] = frame["brain_area"] >= CENTRAL_FRACTION * largest
+    frame["y"], frame["central"] = _label_and_central(table)
     return frame
+
+
+def _label_and_central(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice: 1 when it holds tumour, and whether it is central (brain area >= CENTRAL_FRACTION of its volume's
+    largest)."""
+    y = (table["lesion_area"].to_numpy() > 0).astype(np.int64)
+    area = table["brain_area"].to_numpy(dtype=np.float64)
+    largest = pd.Series(area).groupby(table["case_id"].astype(str).to_numpy()).transform("max").to_numpy()
+    return y, area >= CENTRAL_FRACTION * largest
 
 
 def _divergence_rows(fold: int, inputs: dict[str, Any]) -> pd.DataFrame:
     """Per slice and grid step: M_t (mean over map modalities) of each AnoFPDM forward mode, with the slice label
     and whether it is central."""
-    table = inputs["table"]
-    y = (table["lesion_area"].to_numpy() > 0).astype(np.int64)
-    area = table["brain_area"].to_numpy(dtype=np.float64)
-    case = table["case_id"].astype(str).to_numpy()
-    central = area >= CENTRAL_FRACTION * pd.Series(area).groupby(case).transform("max").to_numpy()
+    y, central = _label_and_central(inputs["table"])
     frames = []
     for method in ("anofpdm", "anofpdm_ddpm"):
         r = inputs["results"].get(method)
