@@ -64,7 +64,7 @@ from anofpdm_monai.engines import ClassConditionedDiffusionInferer, ClassifierFr
 from anofpdm_monai.engines.handlers import RNGState  # noqa: E402
 from anofpdm_monai.inferers import AnoFPDMInferer  # noqa: E402
 from anofpdm_monai.metrics import dice_per_slice  # noqa: E402
-from anofpdm_monai.networks import build_diffusion_unet  # noqa: E402
+from anofpdm_monai.networks import build_diffusion_unet, load_checkpoint  # noqa: E402
 from anofpdm_monai.postprocessing import scaled_min_component_size  # noqa: E402
 from anofpdm_monai.schedule import NoiseSchedule  # noqa: E402
 from anofpdm_monai.settings import AnoFPDMSettings  # noqa: E402
@@ -302,7 +302,7 @@ def part_resume(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[d
         saved = copy.deepcopy(a.state_dict())  # in memory, as torch.save would keep it
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(saved, Path(tmp) / "checkpoint.pt")
-            saved = torch.load(Path(tmp) / "checkpoint.pt", map_location=device, weights_only=False)
+            saved = load_checkpoint(Path(tmp) / "checkpoint.pt", map_location=device)  # the safe loader
         for _ in range(plan.resume_more):
             a.step()
         b = Trainer(plan, device, plan.resume_batch, seed=2)  # other initial weights and streams: restore must win
@@ -382,7 +382,7 @@ def part_bundle(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[d
     (Path(ctx["out"]) / "bundle_log.txt").write_text(log[-200_000:])
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun exited {proc.returncode}: {log.strip().splitlines()[-1] if log.strip() else ''}")
-    final = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
+    final = load_checkpoint(out / "model.pt")
     iterations = int(final.get("iteration", 0))
     backend = "nccl" if device.type == "cuda" else "gloo"
     seen = ("NCCL INFO" in log) if device.type == "cuda" else True

@@ -92,9 +92,9 @@ def run_bundle(workflow: str, **overrides: Any) -> None:
 
 
 def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
-    import torch
+    from anofpdm_monai.networks import load_checkpoint
 
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(checkpoint)
     return {
         "iterations": ck.get("iteration"),
         "epochs": ck.get("epoch"),

@@ -133,7 +133,7 @@ def _check_outputs(out: Path, modalities: list[str], epochs: int, train_slices: 
     iterations = epochs * math.ceil(train_slices / batch_size)
     assert (out / "checkpoint_latest.pt").is_file()
     assert (out / f"checkpoint_epoch={epochs}.pt").is_file()
-    latest = torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=False)
+    latest = torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=True)
     assert {"model", "ema", "optimizer", "trainer", "rng", "prepare_batch", "metadata"} <= set(latest)
     assert latest["trainer"]["iteration"] == iterations
     net, info = load_network(out / "model.pt")
@@ -220,7 +220,7 @@ def test_train_on_synthetic_volumes(synthetic, tmp_path, bundle, modalities):
 
 
 def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_resume_matches_uninterrupted_run(synthetic, tmp_path):

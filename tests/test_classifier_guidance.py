@@ -261,7 +261,7 @@ def test_train_classifier_bundle(synthetic, tmp_path):
     accuracy = wf.parser.get_parsed_content("validate::evaluator").state.metrics["val_accuracy"]
     wf.finalize()
     assert trainer.state.epoch == 2 and 0.0 <= accuracy <= 1.0
-    latest = torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=False)
+    latest = torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "trainer", "rng", "prepare_batch", "metadata"} <= set(latest)
     assert latest["trainer"]["iteration"] == trainer.state.iteration > 0
     clf, info = load_classifier(out / "classifier.pt")

@@ -49,24 +49,71 @@ def is_main_process() -> bool:
 
 class RNGState:
     """The global random states (Python, NumPy, torch CPU and CUDA) as a checkpointable object, so that a
-    resumed run draws the same dropout masks and data order as an uninterrupted one."""
+    resumed run draws the same dropout masks and data order as an uninterrupted one.
 
-    def state_dict(self) -> dict[str, Any]:
-        state = {
+    The state is made of tensors and plain containers only (the NumPy key as an int64 tensor), so checkpoints load
+    with ``torch.load(weights_only=True)``. Under ``torch.distributed`` every rank's state is gathered into the
+    checkpoint (``state_dict`` is then a collective: call it on every rank, as :class:`TrainingCheckpointer` does)
+    and each rank restores its own. A checkpoint from another world size (or one with rank 0's state only) gives
+    rank 0 its state and every other rank a distinct stream derived from it and the rank, with a warning.
+    """
+
+    @staticmethod
+    def _local() -> dict[str, Any]:
+        kind, key, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the legacy global state code draws from)
+        state: dict[str, Any] = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),  # noqa: NPY002 (the legacy global state is what code draws from)
+            "numpy": (
+                str(kind),
+                torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                int(pos),
+                int(has_gauss),
+                float(gauss),
+            ),
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])  # noqa: NPY002
+    @staticmethod
+    def _restore(state: Mapping[str, Any]) -> None:
+        python = state["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        kind, key, pos, has_gauss, gauss = state["numpy"]
+        key = key.numpy() if isinstance(key, torch.Tensor) else key
+        np.random.set_state((kind, np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))  # noqa: NPY002
         torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+    def state_dict(self) -> dict[str, Any]:
+        local = self._local()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return local
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, local)
+        return {**ranks[0], "ranks": ranks}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        ranks = state.get("ranks")
+        if ranks is not None and len(ranks) == world:
+            self._restore(ranks[rank])
+            return
+        self._restore(state)  # rank 0's state
+        if rank == 0:
+            return
+        if ranks is not None:
+            logger.warning(
+                "checkpoint RNG state is from %d ranks, this run has %d: ranks > 0 get new streams", len(ranks), world
+            )
+        # a distinct, reproducible stream per rank, derived from rank 0's restored state
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + rank
+        random.seed(seed)
+        np.random.seed(seed)  # noqa: NPY002
+        torch.manual_seed(seed)
 
 
 class EMAState:
@@ -225,11 +272,14 @@ class TrainingCheckpointer:
         return out
 
     def save(self, engine: Engine) -> None:
-        """Write ``checkpoint_epoch=N.pt`` and ``checkpoint_latest.pt``, then prune to the last ``n_saved``."""
+        """Write ``checkpoint_epoch=N.pt`` and ``checkpoint_latest.pt``, then prune to the last ``n_saved``.
+
+        Every rank collects the state (``RNGState`` gathers all ranks' streams); rank 0 writes."""
+        state = self._state()
         if not is_main_process():
             return
         numbered = self.save_dir / f"checkpoint_epoch={engine.state.epoch}.pt"
-        torch_save(self._state(), numbered)
+        torch_save(state, numbered)
         atomic_link(numbered, self.latest)
         pattern = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
         saved = sorted(
@@ -240,8 +290,9 @@ class TrainingCheckpointer:
 
     def save_latest(self, engine: Engine) -> None:
         """Write ``checkpoint_latest.pt`` only (the state of a terminated run)."""
+        state = self._state()  # on every rank: see save
         if is_main_process():
-            torch_save(self._state(), self.latest)
+            torch_save(state, self.latest)
             logger.info("run terminated at iteration %d: state saved to %s", engine.state.iteration, self.latest)
 
     def save_final(self, engine: Engine) -> None:

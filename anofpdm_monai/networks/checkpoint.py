@@ -7,6 +7,13 @@ parameters and the noise schedule the model was trained with, so a network and i
 file alone and a mismatched architecture is refused with a clear message. Checkpoints written before the schedule
 was recorded fall back to the papers' linear schedule with a one-line warning. Plain state dicts (including MONAI
 Generative ones, through ``load_old_state_dict``) are accepted when the caller supplies the network.
+
+Loading never runs code from the file: every read goes through ``torch.load(weights_only=True)``, which accepts
+tensors and plain containers (dict, list, tuple, str, int, float, bool, None) only, and everything this package
+writes is made of those (the NumPy RNG state included, see ``engines.RNGState``). A file holding any other Python
+object (a crafted pickle, or a training checkpoint written before loading was made safe, whose NumPy RNG state
+was an ``ndarray``) is refused with one line saying how to convert it; :func:`convert_checkpoint` is the one,
+explicit, place that unpickles such a file, for a user who trusts it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import hashlib
 import io
 import logging
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +49,8 @@ __all__ = [
     "file_digest",
     "unwrap",
     "schedule_of",
+    "UnsafeCheckpointError",
+    "convert_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "anofpdm_monai/1"
@@ -47,6 +58,10 @@ CHECKPOINT_FORMAT = "anofpdm_monai/1"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for the requested network; one line naming the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holding Python objects beyond tensors and plain containers: loading it could run code."""
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -170,17 +185,88 @@ def save_checkpoint(
     return path
 
 
+# how torch names the object it refused ("Unsupported global: GLOBAL numpy...", "unsupported GLOBAL posix.system")
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint file; a one-line :class:`CheckpointError` when missing or unreadable."""
+    """Read a checkpoint file without running code from it (``torch.load(weights_only=True)``).
+
+    Raises:
+        UnsafeCheckpointError: the file holds other Python objects than tensors and plain containers (one line naming
+            the file, the first such object and the conversion command).
+        CheckpointError: missing or unreadable (one line naming the file).
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        content = torch.load(path, map_location=map_location, weights_only=False)
+        content = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _UNSUPPORTED_GLOBAL.search(str(exc))
+        what = f"a Python object ({found.group(1)})" if found else "Python objects"
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds {what} beyond tensors and plain containers; loading it could run code, so it "
+            f"is refused. If you trust its source, convert it once with: "
+            f"python -m anofpdm_monai.apps.convert_checkpoint --trust {path} <new file>"
+        ) from None
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     if not isinstance(content, Mapping):
         raise CheckpointError(f"checkpoint {path} does not hold a dict (got {type(content).__name__})")
     return dict(content)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with NumPy arrays as tensors and NumPy scalars as Python numbers, containers rebuilt as dict/list/tuple
+    (what ``torch.load(weights_only=True)`` accepts)."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "u":  # unsigned ints beyond uint8 have little torch support: widen losslessly
+            obj = obj.astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Rewrite a TRUSTED checkpoint that :func:`load_checkpoint` refuses (e.g. a training checkpoint whose NumPy RNG
+    state is an ``ndarray``) into one made of tensors and plain containers only.
+
+    This is the package's only full unpickling (``weights_only=False``): it runs whatever code the file holds, so
+    call it only on files whose origin you trust. The source is never modified; the target is written atomically
+    and read back with the safe loader before the function returns.
+
+    Raises:
+        CheckpointError: source missing or unreadable, target the same file as the source, or an object that has no
+            plain equivalent (one line naming it).
+    """
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise CheckpointError(f"checkpoint file not found: {source}")
+    if target.exists() and target.resolve() == source.resolve():
+        raise CheckpointError(f"convert_checkpoint: target {target} is the source file; give a new file name")
+    try:
+        content = torch.load(source, map_location="cpu", weights_only=False)  # explicit trust: see the docstring
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {source}: {first_line(exc)}") from exc
+    with atomic_path(target) as tmp:
+        torch.save(_plain(content), tmp)
+        try:
+            load_checkpoint(tmp)
+        except UnsafeCheckpointError as exc:
+            reason = first_line(exc).split(" holds ", 1)[-1].split(";", 1)[0]
+            raise CheckpointError(
+                f"cannot convert {source}: it holds {reason}, which has no plain equivalent"
+            ) from None
+    return target
 
 
 def _select_state(content: Mapping[str, Any], use_ema: bool, path: Any) -> Mapping[str, torch.Tensor]:
