@@ -192,7 +192,8 @@ def test_the_inference_bundle_refuses_a_crafted_model_and_runs_nothing(tmp_path)
         datalist="synthetic [validation]",
     ).save(tmp_path / "calibration.json")
     (tmp_path / "cases").mkdir()
-    files = [str(REPO / "bundles/anofpdm_brats21/configs/dataset.json"), str(REPO / "bundles/common/configs/inference.json")]
+    files = [str(REPO / "bundles/anofpdm_brats21/configs/dataset.json")]
+    files.append(str(REPO / "bundles/common/configs/inference.json"))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
     cmd += ["--checkpoint", str(path), "--calibration", str(cal), "--input_dir", str(tmp_path / "cases")]
     cmd += ["--output_dir", str(tmp_path / "out"), "--progress", "false"]
