@@ -63,10 +63,20 @@ def config_files(bundle: str, *workflows: str) -> list[str]:
 
 def run_workflow(bundle: str, *workflows: str, **overrides: Any) -> None:
     """``python -m monai.bundle run --config_file <config_files(bundle, *workflows)> --key value ...`` in this
-    process."""
+    process.
+
+    The overrides are checked first (:func:`anofpdm_monai.apps.options.check`): a key the config files do not define
+    or a value of the wrong type is refused in one line before any work; ``help=True`` prints the workflow's options
+    (:func:`~anofpdm_monai.apps.options.help_text`) and runs nothing."""
     from monai.bundle import run
 
+    from .apps import options
+
     files = config_files(bundle, *workflows)
+    if options.wants_help(overrides):
+        print(options.help_text(files))
+        return
+    options.check(files, overrides)
     configs = Path(files[0]).parent
     run(
         config_file=files,

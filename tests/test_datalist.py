@@ -358,8 +358,12 @@ INVALID_DATALISTS = [
         ["validation[0]", "'image'"],
     ),
     (
-        {"modalities": ["flair"], "training": [], "validation": [], "test": [{"id": "a/b", "image": ["x.nii.gz"]}]},
-        ["test[0]", "'id'", "a/b"],
+        {"modalities": ["flair"], "training": [], "validation": [], "test": [{"id": 7, "image": ["x.nii.gz"]}]},
+        ["test[0]", "'id'", "non-empty string", "7"],
+    ),
+    (
+        {"modalities": ["flair"], "training": [], "validation": [], "test": [{"id": "", "image": ["x.nii.gz"]}]},
+        ["test[0]", "'id'", "non-empty string"],
     ),
     (
         {
@@ -380,6 +384,14 @@ def test_validate_datalist_errors(datalist, fragments):
     with pytest.raises(DatalistError) as error:
         validate_datalist(datalist, source="lists/my.json")
     _assert_one_line(error, "lists/my.json", *fragments)
+
+
+def test_validate_datalist_leaves_unsafe_ids_to_fail_alone():
+    """An id that cannot name output files does not refuse the datalist (docs/reliability.md: a bad case fails alone,
+    where it is used; tests/test_inputs.py runs them)."""
+    entries = [{"id": i, "image": ["x.nii.gz"]} for i in ("a/b", "café", "ok\n", "x" * 300, "good")]
+    datalist = {"modalities": ["flair"], "training": [], "validation": [], "test": entries}
+    assert validate_datalist(datalist) is datalist
 
 
 def test_validate_datalist_accepts_extras():

@@ -31,7 +31,12 @@ from anofpdm_monai.calibration import Calibration, CalibrationError
 from anofpdm_monai.data import VolumePreprocessor
 from anofpdm_monai.data.datalist import load_datalist
 from anofpdm_monai.data.synthetic import make_case, phantom_anatomy
-from anofpdm_monai.data.transforms import MIN_NEIGHBOUR_CORRELATION, LoadCased, neighbour_correlation
+from anofpdm_monai.data.transforms import (
+    MIN_NEIGHBOUR_CORRELATION,
+    LoadCased,
+    distinct_values,
+    neighbour_correlation,
+)
 from anofpdm_monai.io import OutputPathError
 from anofpdm_monai.networks import build_diffusion_unet, load_network, save_checkpoint
 from anofpdm_monai.settings import AnoFPDMSettings
@@ -255,10 +260,12 @@ REAL_IMAGES = sorted(
 
 @pytest.mark.skipif(not REAL_IMAGES, reason=f"real data absent ({SHARED_DATA})")
 def test_the_mri_check_passes_every_real_volume_and_flags_noise():
-    """BraTS 2013 (z-scored, non-zero background), BraTS 2021/2023, TCGA, ISLES, a T1 template: r > 0.8."""
+    """BraTS 2013 (z-scored, non-zero background), BraTS 2021/2023, TCGA, ISLES, a T1 template: r > 0.8, and more
+    distinct intensities than a label or mask has."""
     for path in REAL_IMAGES:
         img = LoadCased(keys="image").loader(str(path))
         assert neighbour_correlation(img.as_tensor()) > 0.8, path
+        assert distinct_values(img.as_tensor()) is None, path  # not flagged as a label or mask
     rng = np.random.default_rng(0)
     for noise in (rng.uniform(size=(60, 60, 40)), rng.normal(size=(60, 60, 40))):
         assert neighbour_correlation(torch.as_tensor(noise)) < MIN_NEIGHBOUR_CORRELATION
@@ -296,7 +303,7 @@ def _edited(model, tmp_path, edit) -> Path:
         ),
         (lambda c: c.update(guidance_scale=-1), "key 'guidance_scale' must be a finite number > 0"),
         (lambda c: c.update(m_max=[0.05]), "key 'm_max' has 1 values for 2 map_channels"),
-        (lambda c: c.update(m_max=[0.05, 0.0]), "key 'm_max' must be a non-empty list of finite numbers > 0"),
+        (lambda c: c.update(m_max=[0.05, 0.0]), "key 'm_max' must be a non-empty list of finite numbers in (0, 4]"),
         (lambda c: c.update(m_max_joint=None), "key 'm_max_joint'"),
         (lambda c: c.update(map_channels=[0, True]), "key 'map_channels'"),
         (lambda c: c.update(num_healthy=-3), "key 'num_healthy'"),
@@ -507,7 +514,10 @@ def bundle_inputs(model, matrix, tmp_path_factory) -> dict:
 BUNDLE_REFUSALS = {
     "guidance_scale": ({"guidance_scale": -1}, "error: ValueError: guidance_scale must be a finite number > 0, got -1"),
     "output_dir": ({"output_dir": "TAKEN"}, "OutputPathError: output_dir "),
-    "calibration_tau": ({"calibration": "TAU"}, "key 'tau' must be a finite number, got 'high'"),
+    "calibration_tau": (
+        {"calibration": "TAU"},
+        "key 'tau' must be a finite number <= 1 (the range of the mse_gap health score), got 'high'",
+    ),
 }
 
 

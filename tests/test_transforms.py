@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.transforms import Resize, Resized
 
 from anofpdm_monai.data import (
@@ -31,6 +32,7 @@ from anofpdm_monai.data import (
     VolumePreprocessor,
 )
 from anofpdm_monai.data.synthetic import make_case, phantom_anatomy
+from anofpdm_monai.data.transforms import IsotropicInPlaned
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = SHARED_DATA / "tiny" / "BraTS2021_00006_3mm"
@@ -485,6 +487,42 @@ def test_brain_mask(image, mask, expected):
 def test_brain_mask_empty_raises():
     with pytest.raises(CaseError, match="brain mask is empty"):
         BrainMaskd()({"id": "c", "image": torch.zeros(1, 3, 3, 3), "brain_mask": torch.zeros(1, 3, 3, 3)})
+    # no mask given and no voxel > 0: said as such, not as an empty mask
+    with pytest.raises(CaseError, match=r"case c: no voxel of the image is > 0 \(without a brain_mask"):
+        BrainMaskd()({"id": "c", "image": -torch.ones(1, 3, 3, 3)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# square pixels in the axial plane
+# ---------------------------------------------------------------------------------------------------------------
+def test_isotropic_in_plane_by_hand_and_inverted():
+    """A 4 x 3 plane at 1 x 2 mm becomes 4 x 6 at 1 x 1 mm: along the coarse axis the new samples sit at old
+    positions -0.25, 0.25, 0.75, ... (centres kept), i.e. linear interpolation between old columns (border-padded
+    beyond the ends); the slice axis and the other in-plane axis are untouched; the inverse resamples back onto the
+    input grid."""
+    plane = torch.tensor([[0.0, 4.0, 8.0]] * 4)  # (4, 3): grows by 4 per old column along axis 1
+    img = MetaTensor(
+        torch.stack([plane, plane + 100], dim=-1)[None], affine=torch.diag(torch.tensor([1.0, 2.0, 3.0, 1]))
+    )
+    step = IsotropicInPlaned(keys=["image", "label"], mode=["bilinear", "nearest"])
+    out = step({"image": img, "label": (img > 4).float()})
+    assert tuple(out["image"].shape) == (1, 4, 6, 2)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(out["image"].affine)[:3, :3], axis=0), [1, 1, 3])
+    expected = [0.0, 1.0, 3.0, 5.0, 7.0, 8.0]  # 4 * clip(-0.25, 0.25, ..., 2.25 to [0, 2])
+    np.testing.assert_allclose(out["image"][0, 2, :, 0].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(out["image"][0, 2, :, 1].numpy(), np.add(expected, 100), atol=1e-4)
+    assert set(np.unique(out["label"].numpy())) <= {0.0, 1.0}  # nearest keeps a label binary
+    back = step.inverse(out)
+    assert tuple(back["image"].shape) == tuple(img.shape)
+    # the middle column comes back exactly (halfway between new samples 3 and 5); the end columns are averaged with
+    # the border-clamped samples beside them (0 -> 0.5, 8 -> 7.5): the inversion is interpolation, not an undo
+    np.testing.assert_allclose(back["image"][0, :, 1].numpy(), img[0, :, 1].numpy(), atol=1e-4)
+    np.testing.assert_allclose(back["image"][0, :, [0, 2], 0].numpy(), [[0.5, 7.5]] * 4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(back["image"].affine), np.asarray(img.affine), atol=1e-6)
+    # square pixels already: nothing changes, bitwise
+    square = MetaTensor(img.as_tensor().clone(), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1])))
+    same = IsotropicInPlaned(keys="image")({"image": square})["image"]
+    assert torch.equal(same.as_tensor(), square.as_tensor())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ def test_geometry_round_trip_synthetic(cases, tmp_path, orientation):
     assert summary["done"] == [entry["id"]] and not summary["failed"]
     table = _check_geometry(entry, tmp_path)
     assert 0 < len(table) < nib.load(entry["image"][0]).shape[2]  # some slices lie outside the brain range
-    assert set(table.columns) >= {"index", "ras_index", "t_e_flair", "t_e_t2", "M_flair", "M_t2", "c", "pred_label"}
+    columns = {"index", "ras_index", "t_e_flair", "t_e_t2", "M_flair", "M_t2", "cosine", "pred_label", "threshold"}
+    assert set(table.columns) >= columns and "c" not in table.columns
     assert set(table["label"]) == {0, 1}
 
 
@@ -261,8 +262,9 @@ def test_known_answer_mask_lands_on_the_lesion(cases, tmp_path):
         flagged = set(table.loc[table["mask_pixels"] > 0, "index"])
         assert len(flagged & lesion_slices) >= 0.6 * len(lesion_slices)
         masks[orientation] = mask
-    # the same anatomy stored in two orientations gives the same mask, voxel for voxel
-    np.testing.assert_array_equal(masks["LPS"][::-1, ::-1, :], masks["RAS"])
+    # the same anatomy stored in two orientations gives the same mask (up to the forward noise, keyed by the case id,
+    # which differs between the two cases)
+    assert _dice(masks["LPS"][::-1, ::-1, :], masks["RAS"]) > 0.95
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -383,7 +385,7 @@ def test_run_recomputes_cases_made_by_another_setting(cases, tmp_path):
     vi.provenance = {"checkpoint_digest": "bbbb", "calibration": {"guidance_scale": 2.0}}  # another checkpoint
     assert vi.run([entry], tmp_path)["done"] == [entry["id"]] and net.calls > 0
     stored = json.loads((tmp_path / entry["id"] / f"{entry['id']}_provenance.json").read_text())
-    assert stored["checkpoint_digest"] == "bbbb"
+    assert stored["made_with"]["checkpoint_digest"] == "bbbb"
 
 
 def test_run_recomputes_a_partly_written_case(cases, tmp_path):
@@ -407,8 +409,8 @@ def test_failed_write_leaves_no_partial_output(cases, tmp_path, monkeypatch):
     monkeypatch.setattr(nib, "save", broken_save)
     summary = vi.run([entry], tmp_path, raise_on_failure=False)
     assert "disk full" in summary["failed"][entry["id"]]
-    left = [p.name for p in _files(tmp_path / entry["id"])]
-    assert not [n for n in left if n.startswith(".") or n.endswith(".nii.gz")], left
+    # the slice table was written before the map failed: the whole case folder goes, not only the map
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inference_summary.json"]
 
 
 def test_run_datalist_checks_modalities(cases, tmp_path):
@@ -499,8 +501,11 @@ def test_an_unusable_label_does_not_fail_inference(cases, tmp_path, caplog):
     assert list(summary["failed"]) == ["bad_image"] and "nowhere.nii.gz" in summary["failed"]["bad_image"]
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "missing_label: label not used" in warned and "other_grid_label: label not used" in warned
-    reference = np.asarray(nib.load(tmp_path / "out" / "no_label" / "no_label_anomaly_map.nii.gz").dataobj)
+    # the forward noise is keyed by case id: the reference is each case run under its own id without a label
+    unlabelled = [{**base, "id": case} for case in ("missing_label", "other_grid_label")]
+    assert vi.run(unlabelled, tmp_path / "reference")["done"] == ["missing_label", "other_grid_label"]
     for case in ("missing_label", "other_grid_label"):
+        reference = np.asarray(nib.load(tmp_path / "reference" / case / f"{case}_anomaly_map.nii.gz").dataobj)
         got = np.asarray(nib.load(tmp_path / "out" / case / f"{case}_anomaly_map.nii.gz").dataobj)
         np.testing.assert_array_equal(got, reference)
         assert "label" not in pd.read_csv(tmp_path / "out" / case / f"{case}_slices.csv").columns

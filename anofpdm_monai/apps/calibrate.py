@@ -46,7 +46,6 @@ def run_calibration(
     split: str = "validation",
     batch_size: int = 64,
     device: torch.device | str = "cpu",
-    amp: bool = False,
     use_ema: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -55,7 +54,7 @@ def run_calibration(
     """Calibrate a trained checkpoint on a datalist split with slice labels, and write the calibration file.
 
     The network architecture, preprocessing and noise schedule come from the checkpoint; ``settings`` (or single
-    AnoFPDM options such as ``t_max=300, stride=20``) are what the inference must then use.
+    AnoFPDM options such as ``t_max=300, stride=20``, ``precision="bf16"``) are what the inference must then use.
 
     Returns:
         the :class:`Calibration` (also written to ``output_path``).
@@ -75,7 +74,6 @@ def run_calibration(
         map_channels=channels,
         scheduler=info["schedule"],
         seed=seed,
-        autocast_dtype=torch.bfloat16 if (amp and device.type == "cuda") else None,
         **options,
     )
     stats_inferer = CalibrationInferer(inferer, guidance_scales)

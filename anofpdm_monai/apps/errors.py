@@ -14,9 +14,11 @@ import os
 import sys
 import traceback
 from types import TracebackType
+from typing import Any
 
 from ..engines.inference import InferenceFailures
 from ..io import first_line
+from .options import flag
 
 __all__ = ["EXIT_COULD_NOT_START", "EXIT_SOME_CASES_FAILED", "install", "root_cause", "exit_status"]
 
@@ -43,10 +45,17 @@ def exit_status(exc: BaseException) -> int:
     return EXIT_SOME_CASES_FAILED if isinstance(root_cause(exc), InferenceFailures) else EXIT_COULD_NOT_START
 
 
-def install(debug: bool = False) -> None:
+def install(debug: Any = False) -> None:
     """Make an uncaught exception end the process with one line on stderr (the full traceback with ``debug``) and
-    :func:`exit_status`; an interrupt (Ctrl-C) keeps Python's behaviour."""
+    :func:`exit_status`; an interrupt (Ctrl-C) keeps Python's behaviour.
 
+    ``debug`` is read by :func:`anofpdm_monai.apps.options.flag` (``--debug true``, ``--debug False``, ...); a value
+    that is not a boolean is refused in one line, the hook already installed."""
+    _install(False)
+    _install(flag(debug, "debug"))
+
+
+def _install(debug: bool) -> None:
     def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         if issubclass(kind, KeyboardInterrupt):
             sys.__excepthook__(kind, exc, tb)

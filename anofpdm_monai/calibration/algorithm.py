@@ -5,7 +5,8 @@ From the validation slices' statistics and their healthy/unhealthy labels (no pi
 - ``M_max`` per map modality: the largest max_t M_t over unhealthy slices (Algorithm 1's normaliser);
 - ``tau``: over q in linspace(0.005, 0.095, 100), tau_q = the q-quantile of the healthy slices' health score c (the
   papers' cosine by default; any score of :mod:`anofpdm_monai.inferers.health`, low = unhealthy); the first tau_q
-  minimising #(unhealthy with c > tau_q) + #(healthy with c < tau_q);
+  minimising the slices inference would misclassify with it (:func:`~anofpdm_monai.inferers.health.is_unhealthy`,
+  c <= tau_q is unhealthy): #(unhealthy with c > tau_q) + #(healthy with c <= tau_q);
 - the fixed guidance ``w*``: for each candidate w, the classification accuracy at its own tau; w* is the largest
   candidate whose accuracy is >= ``tolerance`` x the best (0.99 by default; the extended paper states 0.98 in one
   place and 0.99 in another). Beyond the papers: when no candidate classifies better than calling every slice the
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..inferers.health import is_unhealthy
 from ..settings import DEFAULT_GUIDANCE_SCALE, DEFAULT_TOLERANCE
 from .record import CalibrationError
 
@@ -56,7 +58,8 @@ def select_tau(
     levels: Sequence[float] = DEFAULT_TAU_LEVELS,
 ) -> tuple[float, int]:
     """The health-score threshold: the first ``tau_q = quantile(healthy c, q)`` (linear interpolation) over ``levels``
-    minimising #(unhealthy with c > tau_q) + #(healthy with c < tau_q).
+    minimising the misclassified slices under inference's rule
+    (:func:`~anofpdm_monai.inferers.health.is_unhealthy`): #(unhealthy with c > tau_q) + #(healthy with c <= tau_q).
 
     Returns:
         ``(tau, errors)``.
@@ -68,7 +71,7 @@ def select_tau(
     best_tau, best_err = float("nan"), None
     for q in levels:
         tau = float(np.quantile(healthy, q))
-        err = int((unhealthy > tau).sum() + (healthy < tau).sum())
+        err = int((~is_unhealthy(unhealthy, tau)).sum() + is_unhealthy(healthy, tau).sum())
         if best_err is None or err < best_err:
             best_tau, best_err = tau, err
     return best_tau, int(best_err)
@@ -142,7 +145,16 @@ def calibrate_from_statistics(
         dict with ``guidance_scale``, ``m_max`` (list per modality), ``m_max_joint``, ``tau``, ``candidates``,
         ``num_healthy``, ``num_unhealthy``, and ``baseline_curve`` ((K, Cm) list of w*, or None).
     """
-    labels = np.asarray(stats.labels).astype(np.int64)
+    labels = np.asarray(stats.labels).reshape(-1)
+    unknown = ~np.isin(labels, (0, 1))
+    if unknown.any():
+        where = np.flatnonzero(unknown)
+        raise CalibrationError(
+            f"{int(unknown.sum())} validation slice label(s) are neither 0 (healthy) nor 1 (unhealthy): value "
+            f"{labels[where[0]].item()!r} at slice {int(where[0])}; every calibration slice needs a known label (a "
+            "case without a segmentation has none)"
+        )
+    labels = labels.astype(np.int64)
     healthy, unhealthy = labels == 0, labels == 1
     if healthy.sum() == 0 or unhealthy.sum() == 0:
         raise CalibrationError(

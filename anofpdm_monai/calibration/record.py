@@ -31,6 +31,16 @@ logger = logging.getLogger(__name__)
 CALIBRATION_FORMAT = "anofpdm_monai.calibration/2"
 _FORMAT_1 = "anofpdm_monai.calibration/1"  # flat settings fields; still read
 
+#: the range of each health score (anofpdm_monai/inferers/health.py); a tau outside it classifies every slice the same
+#: way and can only come from a hand edit. cosine: of two MSE curves, in [-1, 1]; mse_gap: 1 - sum mse_g / sum
+#: mse_ref <= 1 (MSEs are >= 0); divergence: minus a divergence over an MSE, <= 0.
+SCORE_RANGES = {"cosine": (-1.0, 1.0), "mse_gap": (-math.inf, 1.0), "divergence": (-math.inf, 0.0)}
+#: with x0 predictions clipped to [-1, 1] and no healthy baseline, M_t is a mean of squared differences of values in
+#: [-1, 1] (v2) or of differences of such squares (v1): at most 4
+M_MAX_BOUND = 4.0
+#: a calibration file is a few kB; anything over this is not one (``/dev/zero`` would otherwise be read forever)
+MAX_CALIBRATION_BYTES = 16 * 2**20
+
 
 class CalibrationError(ValueError):
     """A calibration that cannot be made or does not match the inference setting (one line)."""
@@ -148,11 +158,19 @@ class Calibration:
     def load(cls, path: str | os.PathLike) -> Calibration:
         """Read a calibration file; one-line :class:`CalibrationError` when missing or malformed."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise CalibrationError(f"calibration file not found: {path} (run the calibrate workflow first)")
+        if not path.is_file():
+            raise CalibrationError(f"calibration file {path} is not a regular file (a folder, device or pipe)")
         try:
+            if path.stat().st_size > MAX_CALIBRATION_BYTES:
+                raise CalibrationError(
+                    f"calibration file {path} is over {MAX_CALIBRATION_BYTES >> 20} MB: not a calibration file"
+                )
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
+            if isinstance(exc, CalibrationError):
+                raise
             raise CalibrationError(f"cannot read calibration file {path}: {exc}") from None
         if not isinstance(data, Mapping) or data.get("format") not in (CALIBRATION_FORMAT, _FORMAT_1):
             raise CalibrationError(f"{path} is not an anofpdm_monai calibration file (format {CALIBRATION_FORMAT})")
@@ -284,14 +302,26 @@ def _check_content(data: Mapping[str, Any], source: str) -> None:
         raise bad("settings", "a mapping of AnoFPDM options")
     if not _is_number(data["guidance_scale"]) or data["guidance_scale"] <= 0:
         raise bad("guidance_scale", "a finite number > 0")
+    settings = data["settings"]
+    # M_t is bounded when the x0 predictions are clipped and M_t is not divided by a healthy baseline
+    bounded = settings.get("clip", True) is True and settings.get("divergence_baseline", "none") == "none"
+    top = M_MAX_BOUND * (1 + 1e-6) if bounded else math.inf
+    within = f" in (0, {M_MAX_BOUND:g}] (x0 clipped to [-1, 1])" if bounded else " > 0"
     m_max = data["m_max"]
-    if not isinstance(m_max, list) or not m_max or not all(_is_number(v) and v > 0 for v in m_max):
-        raise bad("m_max", "a non-empty list of finite numbers > 0")
-    if not _is_number(data["m_max_joint"]) or data["m_max_joint"] <= 0:
-        raise bad("m_max_joint", "a finite number > 0")
-    cosine = data["settings"].get("health_score", "cosine") == "cosine"
-    if not _is_number(data["tau"]) or (cosine and not -1.0 <= data["tau"] <= 1.0):
-        raise bad("tau", "a number in [-1, 1] (a cosine)" if cosine else "a finite number")
+    if not isinstance(m_max, list) or not m_max or not all(_is_number(v) and 0 < v <= top for v in m_max):
+        raise bad("m_max", f"a non-empty list of finite numbers{within}")
+    if not _is_number(data["m_max_joint"]) or not 0 < data["m_max_joint"] <= top:
+        raise bad("m_max_joint", f"a finite number{within}")
+    score = settings.get("health_score", "cosine")
+    low, high = SCORE_RANGES.get(score, (-math.inf, math.inf))
+    if not _is_number(data["tau"]) or not low <= data["tau"] <= high:
+        if score == "cosine":
+            expected = "a number in [-1, 1] (a cosine)"
+        elif score in SCORE_RANGES:
+            expected = f"a finite number <= {high:g} (the range of the {score} health score)"
+        else:
+            expected = "a finite number"
+        raise bad("tau", expected)
     for key in ("map_modalities", "map_channels"):
         if key in data and not isinstance(data[key], list):
             raise bad(key, "a list")

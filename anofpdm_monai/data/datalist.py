@@ -14,7 +14,10 @@ A datalist is one JSON file in the MONAI decathlon style::
 
 ``modalities`` orders the channels; each entry's ``image`` holds one path per modality in that order, relative to
 a dataset root (POSIX separators). ``label`` (anomaly = ``label > 0``) and ``brain_mask`` are optional. Entry ids
-are unique and filesystem-safe. Only ``modalities``, ``training``, ``validation`` and ``test`` are required.
+are unique strings; an id that is not filesystem-safe (:func:`case_id_problem`: letters, digits, ``_ . + -``, no
+leading dot, at most :data:`MAX_CASE_ID_LENGTH` characters) does not refuse the datalist: that case fails alone
+where it is used, before any of its files is read. Only ``modalities``, ``training``, ``validation`` and ``test``
+are required.
 
 :func:`build_datalist` scans a dataset folder (BraTS 2021, BraTS 2023 or ATLAS v2.0 BIDS) and splits it at the
 patient level, deterministically for a seed; :func:`load_datalist` reads one back, joined onto a dataset folder.
@@ -35,6 +38,7 @@ import math
 import os
 import random
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,10 @@ __all__ = [
     "LAYOUTS",
     "SPLITS",
     "build_datalist",
+    "case_id_problem",
     "is_safe_case_id",
+    "MAX_CASE_ID_LENGTH",
+    "MAX_DATALIST_BYTES",
     "write_datalist",
     "patient_id",
     "validate_datalist",
@@ -66,13 +73,44 @@ SPLITS = ("training", "validation", "test")
 
 _REQUIRED_KEYS = ("modalities",) + SPLITS
 _PATH_KEYS = ("label", "brain_mask")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # always fullmatch: "$" would let a trailing newline pass
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+#: the file-name limit of common filesystems (ext4, XFS, APFS, NTFS: 255 bytes)
+_NAME_MAX = 255
+#: the longest name a case's id starts: ``<id>_anomaly_mask.nii.gz`` written through its temporary name
+#: ``.<id>_anomaly_mask.nii.gz.<8 random characters>.nii.gz`` (anofpdm_monai/io.py ``atomic_path``)
+_LONGEST_NAME = "." + "_anomaly_mask.nii.gz" + "." + "x" * 8 + ".nii.gz"
+MAX_CASE_ID_LENGTH = _NAME_MAX - len(_LONGEST_NAME)
+"""The longest case id (characters = bytes: ids are ASCII) whose output file names fit the 255-byte limit."""
+MAX_DATALIST_BYTES = 64 * 2**20
+"""A datalist file larger than this is refused as the wrong file (64 MB: ~200 000 BraTS entries; BraTS 2021 has
+1251)."""
+
+
+def case_id_problem(case_id: Any) -> str | None:
+    """Why a case id cannot name a case's folder and output files (one line), or None when it can.
+
+    A usable id is a string of letters, digits and ``_ . + -`` (ASCII; no leading dot, no whitespace or newline) of
+    at most :data:`MAX_CASE_ID_LENGTH` characters, so that ``<id>_anomaly_mask.nii.gz`` and its temporary name fit
+    the 255-byte file-name limit.
+    """
+    if not isinstance(case_id, str) or not case_id:
+        return f"case id {case_id!r} must be a non-empty string"
+    if not _SAFE_ID.fullmatch(case_id):
+        return f"case id {case_id!r} is not filesystem-safe (letters, digits, '_', '.', '+', '-'; no leading '.')"
+    if len(case_id) > MAX_CASE_ID_LENGTH:
+        return (
+            f"case id {case_id[:40]}... is {len(case_id)} characters long: its output file names "
+            f"(<id>_anomaly_mask.nii.gz and its temporary name) would exceed the {_NAME_MAX}-byte file-name limit "
+            f"(at most {MAX_CASE_ID_LENGTH})"
+        )
+    return None
 
 
 def is_safe_case_id(case_id: Any) -> bool:
-    """A case id usable as a folder and file name prefix (letters, digits, ``_ . + -``; no leading dot)."""
-    return isinstance(case_id, str) and bool(_SAFE_ID.match(case_id))
+    """A case id usable as a folder and file name prefix (:func:`case_id_problem` finds nothing)."""
+    return case_id_problem(case_id) is None
 
 
 _DATASET_NAMES = {"brats2021": "BraTS2021", "brats2023": "BraTS2023", "atlas2": "ATLAS2"}
@@ -84,9 +122,11 @@ _FILE_MODALITIES = {
     "atlas2": {"t1w": "T1w"},
 }
 
+# matched with fullmatch (a "$" would accept a folder name with a trailing newline); a name that matches only once
+# stripped of surrounding whitespace is still taken as a case folder, to be reported as unusable
 _CASE_DIR = {
-    "brats2021": re.compile(r"^BraTS2021_\d+$"),
-    "brats2023": re.compile(r"^BraTS-[A-Za-z]+-\d+-\d+$"),
+    "brats2021": re.compile(r"BraTS2021_\d+"),
+    "brats2023": re.compile(r"BraTS-[A-Za-z]+-\d+-\d+"),
 }
 
 _EXPECTED = {
@@ -114,9 +154,10 @@ def validate_datalist(datalist: dict, source: str = "<datalist>") -> dict:
     """Check the structure of a datalist.
 
     Checks the required keys (``modalities``, ``training``, ``validation``, ``test``), that ``modalities`` is a
-    non-empty list of distinct names, that every entry has a filesystem-safe ``id`` unique across all splits, an
+    non-empty list of distinct names, that every entry has a non-empty string ``id`` unique across all splits, an
     ``image`` list with one non-empty path per modality, and non-empty string ``label`` / ``brain_mask`` where
-    present. Files are not checked for existence. Extra top-level and entry keys are allowed.
+    present. Files are not checked for existence. Extra top-level and entry keys are allowed. An id that is not
+    filesystem-safe (:func:`case_id_problem`) is not refused here: that case fails alone where it is used.
 
     Args:
         datalist: the datalist dictionary.
@@ -151,11 +192,8 @@ def validate_datalist(datalist: dict, source: str = "<datalist>") -> dict:
             if not isinstance(entry, dict):
                 raise DatalistError(f"{where}: expected an object with 'id' and 'image', got {type(entry).__name__}")
             case_id = entry.get("id")
-            if not isinstance(case_id, str) or not _SAFE_ID.match(case_id):
-                raise DatalistError(
-                    f"{where}: 'id' must be a filesystem-safe string (letters, digits, '_', '.', '+', '-'), "
-                    f"got {case_id!r}"
-                )
+            if not isinstance(case_id, str) or not case_id:
+                raise DatalistError(f"{where}: 'id' must be a non-empty string, got {case_id!r}")
             where = f"{where} ('{case_id}')"
             if case_id in seen:
                 raise DatalistError(f"{where}: duplicate id, already used in {seen[case_id]}")
@@ -237,7 +275,7 @@ def load_datalist(
     else:
         path = Path(path).expanduser()
         try:
-            datalist = json.loads(path.read_text(encoding="utf-8"))
+            datalist = json.loads(_read_bounded(path).decode("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DatalistError(f"cannot read datalist {path}: {e}") from e
     validate_datalist(datalist, source=str(path))
@@ -249,10 +287,12 @@ def load_datalist(
                 del datalist[split]
     if dataset_dir is not None:
         root = Path(dataset_dir).expanduser()
+        real_root = os.path.realpath(root)
         outside = []
         for split in SPLITS:
             for entry in datalist.get(split, []):
-                outside += [p for p in [*entry["image"], *(entry.get(k) for k in _PATH_KEYS)] if _escapes(p)]
+                files = [*entry["image"], *(entry[k] for k in _PATH_KEYS if k in entry)]
+                outside += [p for p in files if _escapes(_join(root, p), real_root)]
                 entry["image"] = [_join(root, p) for p in entry["image"]]
                 for key in _PATH_KEYS:
                     if key in entry:
@@ -268,11 +308,32 @@ def load_datalist(
     return datalist
 
 
-def _escapes(path: Any) -> bool:
-    """A relative path that leads out of the folder it is joined onto (``../x.nii.gz``)."""
-    if not isinstance(path, (str, os.PathLike)) or os.path.isabs(path):
-        return False
-    return os.path.normpath(path).split(os.sep)[0] == os.pardir
+def _read_bounded(path: Path, limit: int = MAX_DATALIST_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; :class:`DatalistError` (one line) for a device, a
+    pipe, a folder (``--datalist /dev/zero`` would otherwise be read until memory runs out) or a larger file."""
+    info = path.stat()  # follows symlinks; OSError (missing, no permission) is reported by the caller
+    if not stat.S_ISREG(info.st_mode):
+        raise DatalistError(f"datalist {path} is not a regular file (a folder, device or pipe): give a JSON file")
+    if info.st_size > limit:
+        raise DatalistError(
+            f"datalist {path} is {info.st_size / 2**20:.0f} MB, over the {limit / 2**20:.0f} MB limit of a "
+            "datalist: is it the right file?"
+        )
+    with open(path, "rb") as f:
+        content = f.read(limit + 1)
+    if len(content) > limit:  # grew after the size check
+        raise DatalistError(f"datalist {path} is over the {limit / 2**20:.0f} MB limit of a datalist")
+    return content
+
+
+def _escapes(path: str, real_root: str) -> bool:
+    """A path (already joined onto the dataset folder) that resolves outside it: ``../x.nii.gz``, an absolute
+    path elsewhere, or a symlink whose target lies elsewhere."""
+    real = os.path.realpath(path)
+    try:
+        return os.path.commonpath([real, real_root]) != real_root
+    except ValueError:  # another drive
+        return True
 
 
 def split_counts(datalist: dict) -> dict[str, int]:
@@ -337,7 +398,7 @@ def _candidates(layout: str, root: Path) -> list[tuple[str, Path]]:
     if layout in _CASE_DIR:
         pattern = _CASE_DIR[layout]
         for dirpath, dirnames, _ in _walk(root):
-            cases = [d for d in dirnames if pattern.match(d)]
+            cases = [d for d in dirnames if pattern.fullmatch(d) or pattern.fullmatch(d.strip())]
             found.extend((d, dirpath / d) for d in cases)
             dirnames[:] = [d for d in dirnames if d not in cases]  # do not descend into case folders
         return found
@@ -433,11 +494,9 @@ def _scan(
         if case_id in origin:
             raise DatalistError(f"case id {case_id} found twice under {root}: {origin[case_id]} and {location}")
         origin[case_id] = location
-        if not _SAFE_ID.match(case_id):
-            unusable(
-                case_id,
-                f"case id {case_id!r} (from {location}) is not filesystem-safe (letters, digits, '_', '.', '+', '-')",
-            )
+        problem = case_id_problem(case_id)
+        if problem:
+            unusable(case_id, f"{problem} (from {str(location)!r})")
             continue
         if layout == "atlas2":
             files = [location]

@@ -2,6 +2,11 @@
 
 One :class:`VolumePreprocessor` holds every parameter of the chain; its :meth:`~VolumePreprocessor.to_dict` is
 stored in checkpoints and calibration files so that inference preprocesses exactly as training did.
+
+The in-plane resampling to square pixels (:class:`~anofpdm_monai.data.transforms.IsotropicInPlaned`) has no
+parameter in that dict: it is the identity for inputs whose two in-plane voxel sizes agree within 1 % (every volume
+models were trained on so far), so checkpoints, calibrations and slice caches made before it keep their meaning,
+and a checkpoint's dict stays loadable (and resumable: training compares the dicts for equality).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .transforms import (
     BrainMaskd,
     CaseError,
     ForegroundPercentileNormalized,
+    IsotropicInPlaned,
     LoadCased,
     MinMaxScaled,
     SquarePadd,
@@ -160,9 +166,25 @@ class VolumePreprocessor:
         return out
 
     @classmethod
-    def from_dict(cls, params: Mapping[str, Any]) -> VolumePreprocessor:
-        known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_dict(cls, params: Mapping[str, Any], source: str = "preprocessing") -> VolumePreprocessor:
+        """The preprocessing of a :meth:`to_dict` dict (from a checkpoint or a calibration file).
+
+        Raises:
+            ValueError: one line naming ``source`` for a key this version does not know (a dict written by a newer
+                version: preprocessing it differently would silently change what the model sees) or a bad value.
+        """
+        if not isinstance(params, Mapping):
+            raise ValueError(f"{source}: expected a mapping of preprocessing parameters, got {type(params).__name__}")
+        unknown = sorted(str(k) for k in params if k not in cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown preprocessing key(s) {unknown} (written by a newer anofpdm_monai?); known: "
+                f"{sorted(cls.__dataclass_fields__)}"
+            )
+        try:
+            return cls(**dict(params))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     def check_modalities(self, modalities: Sequence[str], source: str = "datalist") -> None:
         """Raise a one-line error when ``modalities`` differ from the channels this preprocessing expects."""
@@ -185,6 +207,12 @@ class VolumePreprocessor:
                 ),
                 BinarizeLabeld(keys="label", allow_missing_keys=True),
                 BrainMaskd(image_key="image", mask_key="brain_mask", output_key="brain"),
+                # square pixels in the axial plane before the square pad and the resize (identity when isotropic)
+                IsotropicInPlaned(
+                    keys=["image", "label", "brain_mask", "brain"],
+                    mode=["bilinear", "bilinear", "nearest", "bilinear"],
+                    allow_missing_keys=True,
+                ),
             ]
             if self.square_pad:
                 steps.append(SquarePadd(keys=["image", "label", "brain_mask", "brain"], allow_missing_keys=True))

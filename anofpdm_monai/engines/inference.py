@@ -6,10 +6,16 @@ on, and the handler that writes the run's summary.
 :class:`~anofpdm_monai.inferers.AnoFPDMVolumeInferer` and a ``postprocessing`` Compose ending in
 :class:`~anofpdm_monai.data.writers.SaveCaseOutputsd`; :class:`~anofpdm_monai.apps.inference.VolumeInferer` builds
 the same pieces in Python.
+
+Outputs are one unit per case (:mod:`anofpdm_monai.data.writers`): the case dataset records the digests of a case's
+input files before loading them (``input_record``, stored in the case's provenance), and the summary handler writes
+``inference_summary.json`` while the run still holds the output folder's lock (:class:`~anofpdm_monai.io.OutputLock`),
+then releases it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -24,7 +30,8 @@ from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 
 from ..data.preprocessing import source_axial_index, unwrap_transform_error
-from ..io import first_line, write_json
+from ..data.writers import input_record
+from ..io import first_line, release_output_lock, write_json
 from .distributed import gather_objects, rank_and_world
 
 __all__ = ["CaseDataset", "VolumePrepareBatch", "CaseEvaluator", "InferenceSummary", "InferenceFailures"]
@@ -46,10 +53,11 @@ class CaseDataset(Dataset):
     """MONAI ``Dataset`` of whole cases (datalist entries with absolute paths) through the volume preprocessing.
 
     Each item is the preprocessed dict plus ``reference_file`` (the first image file, whose grid the outputs take),
-    ``source_index`` (RAS axial index -> input file index) and, with a usable label, ``slice_label`` (D,); a label
-    that cannot be used is dropped with a warning (inference does not need it). A case that cannot be preprocessed
-    becomes ``{"id": ..., "error": "<one line naming the case and file>"}`` instead of
-    stopping the run.
+    ``input_record`` (JSON text of :func:`~anofpdm_monai.data.writers.input_record`: path, size, mtime_ns and sha256
+    of each input file, taken before it is loaded), ``source_index`` (RAS axial index -> input file index) and, with
+    a usable label, ``slice_label`` (D,); a label that cannot be used is dropped with a warning (inference does not
+    need it). A case that cannot be preprocessed becomes ``{"id": ..., "error": "<one line naming the case and
+    file>"}`` instead of stopping the run.
     """
 
     def __init__(self, data: Sequence[Mapping[str, Any]], transform: Callable | None = None) -> None:
@@ -78,9 +86,11 @@ class CaseDataset(Dataset):
             return {"id": case, "error": str(entry["error"])}
         try:
             data = {k: v for k, v in entry.items() if k in _INPUT_KEYS and v is not None}
+            record = json.dumps(input_record(data))  # before loading: a file replaced meanwhile leaves the case stale
             out = self._preprocess(case, data)
             out.pop("brain_mask", None)
             out["reference_file"] = _first_file(entry["image"])
+            out["input_record"] = record
             _, out["source_index"] = source_axial_index(out["image"])
             if out.get("label") is not None:
                 lesion = torch.as_tensor(out["label"])[0] > 0.5  # (S, S, D)
@@ -91,8 +101,8 @@ class CaseDataset(Dataset):
 
 
 class VolumePrepareBatch:
-    """MONAI prepare-batch of the case evaluator: the image to the device, no target, and the brain mask as the
-    volume inferer's ``brain`` keyword."""
+    """MONAI prepare-batch of the case evaluator: the image to the device, no target, and the brain mask and the
+    case id as the volume inferer's ``brain`` and ``case_id`` keywords (the id keys each slice's forward noise)."""
 
     def __call__(
         self,
@@ -103,7 +113,10 @@ class VolumePrepareBatch:
     ) -> tuple[torch.Tensor, None, tuple, dict[str, Any]]:
         # .to keeps the MetaTensor and its applied operations, which Invertd needs after decollation
         image = batchdata["image"].to(device=device, non_blocking=non_blocking)
-        return image, None, (), {"brain": batchdata["brain"]}
+        extra = {"brain": batchdata["brain"]}
+        if "id" in batchdata:
+            extra["case_id"] = batchdata["id"]
+        return image, None, (), extra
 
 
 class CaseEvaluator(SupervisedEvaluator):
@@ -162,14 +175,22 @@ class InferenceSummary:
         output_dir: the output folder.
         skipped: ids of finished cases that were not run again.
         raise_on_failure: raise after writing the summary when a case failed.
+        release_lock: release the output folder's lock once the summary is written (the bundle, whose ``pending``
+            took it: :func:`~anofpdm_monai.apps.inference.pending_cases`); a process that never held it has none to
+            release.
     """
 
     def __init__(
-        self, output_dir: str | os.PathLike, skipped: Sequence[str] = (), raise_on_failure: bool = True
+        self,
+        output_dir: str | os.PathLike,
+        skipped: Sequence[str] = (),
+        raise_on_failure: bool = True,
+        release_lock: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.skipped = [str(s) for s in skipped]
         self.raise_on_failure = raise_on_failure
+        self.release_lock = release_lock
         self.summary: dict[str, Any] = {}
         self._start = time.time()
 
@@ -194,7 +215,11 @@ class InferenceSummary:
         }
         if rank_and_world()[0] != 0:  # rank 0 writes and reports for all; every rank raises below
             return self._raise_on_failure(done, failed)
-        write_json(self.output_dir / "inference_summary.json", self.summary)
+        try:
+            write_json(self.output_dir / "inference_summary.json", self.summary)
+        finally:
+            if self.release_lock:
+                release_output_lock(self.output_dir)
         logger.info(
             "inference: %d done, %d skipped (already finished), %d failed; outputs in %s",
             len(done),

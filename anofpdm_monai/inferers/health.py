@@ -16,14 +16,23 @@ The two relative scores divide by the reference MSE so that they do not grow wit
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..settings import HEALTH_SCORES, check_choice
 from .forward_process import ForwardProcessResult
 
-__all__ = ["HEALTH_SCORES", "health_score", "health_scores"]
+__all__ = ["HEALTH_SCORES", "health_score", "health_scores", "is_unhealthy"]
 
 _EPS = 1e-12
+
+
+def is_unhealthy(score: Any, tau: float) -> Any:
+    """The slice rule: unhealthy iff ``score <= tau`` (a score exactly at tau is unhealthy); elementwise on tensors,
+    arrays and numbers. The calibration's threshold search counts its errors with it, and
+    ``AnoFPDMInferer.thresholds`` classifies by the same comparison (tests/test_inputs.py checks both at tau)."""
+    return score <= tau
 
 
 def health_score(result: ForwardProcessResult, kind: str = "cosine") -> torch.Tensor:
