@@ -13,6 +13,7 @@ pairs, so every formula lives here, in float64, and results are cast to the work
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,18 @@ class NoiseSchedule:
         self.betas = b
         self.alphas_cumprod = torch.cumprod(1.0 - b, dim=0)
         self.num_train_timesteps = int(b.numel())
+        # float64 CPU tables, and their copies in each working dtype on each device (see :meth:`_coef`)
+        self._float64 = {
+            "sqrt_alpha_bar": self.alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alpha_bar": (1.0 - self.alphas_cumprod).sqrt(),
+        }
+        self._abar = [float(a) for a in self.alphas_cumprod.tolist()]
+        self._tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # the per-device copies are a cache: not pickled
+        state = dict(self.__dict__)
+        state["_tables"] = {}
+        return state
 
     @classmethod
     def from_scheduler(cls, scheduler: Any) -> NoiseSchedule:
@@ -157,21 +170,42 @@ class NoiseSchedule:
         ``add_noise`` does)."""
         return torch.promote_types(like.dtype, torch.float32)
 
-    def _coef(self, values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.long)
-        c = values[t.cpu()].to(device=like.device, dtype=torch.float64)
-        dtype = self.working_dtype(like)
+    def _table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The float64 table ``name`` rounded to ``dtype`` and moved to ``device``, made once per (device, dtype).
+
+        Rounding the float64 values once is what the per-call arithmetic did (float64 coefficient, cast to the
+        working dtype), so the coefficients are bit for bit the same; a device without float64 (mps) gets float32.
+        """
+        key = (name, device, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            if device.type == "mps" and dtype == torch.float64:
+                dtype = torch.float32
+            table = self._float64[name].to(dtype).to(device)
+            self._tables[key] = table
+        return table
+
+    def _coef(self, name: str, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """Coefficient ``name`` at step(s) ``t`` on ``like``'s device in :meth:`working_dtype`: a 0-dim tensor for
+        one step, else shaped (B, 1, ...) to broadcast against ``like``. Indexed on the device from the cached table:
+        no host transfer, no synchronisation (a CPU step tensor is moved to the device first)."""
+        table = self._table(name, like.device, self.working_dtype(like))
+        if not isinstance(t, torch.Tensor):
+            return table[int(t)]
+        if t.ndim == 0 and t.device.type == "cpu" and like.device.type != "cpu":
+            return table[int(t)]  # a CPU scalar: read on the host, no copy to the device
+        c = table[t.to(device=like.device, dtype=torch.long, non_blocking=True)]
         if c.ndim == 0:
-            return c.to(dtype)
-        return c.reshape(-1, *([1] * (like.ndim - 1))).to(dtype)
+            return c
+        return c.reshape(-1, *([1] * (like.ndim - 1)))
 
     def sqrt_alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         """``sqrt(abar_t)`` shaped to broadcast against ``like`` (B, ...), in :meth:`working_dtype`."""
-        return self._coef(self.alphas_cumprod.sqrt(), t, like)
+        return self._coef("sqrt_alpha_bar", t, like)
 
     def sqrt_one_minus_alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         """``sqrt(1 - abar_t)`` shaped to broadcast against ``like``."""
-        return self._coef((1.0 - self.alphas_cumprod).sqrt(), t, like)
+        return self._coef("sqrt_one_minus_alpha_bar", t, like)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (float32 for float32/bf16/float16 inputs)."""
@@ -203,14 +237,17 @@ class NoiseSchedule:
         self, x0: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of ``q(x_{t_prev} | x_t, x0)`` for any ``t_prev < t`` (respaced DDPM with the
-        "fixed small" variance); ``t_prev = -1`` means the clean image (mean ``x0``, std 0)."""
-        abar_t = self.alphas_cumprod[t]
-        abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        "fixed small" variance); ``t_prev = -1`` means the clean image (mean ``x0``, std 0).
+
+        The coefficients are computed in Python floats (IEEE float64, the same values as float64 tensor arithmetic)
+        and enter the device arithmetic as scalars: no tensor is copied to the device."""
+        abar_t = self._abar[int(t)]
+        abar_prev = self._abar[int(t_prev)] if t_prev >= 0 else 1.0
         beta = 1.0 - abar_t / abar_prev
-        c0 = abar_prev.sqrt() * beta / (1.0 - abar_t)
-        ct = (1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar_t)
+        c0 = math.sqrt(abar_prev) * beta / (1.0 - abar_t)
+        ct = math.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar_t)
         var = beta * (1.0 - abar_prev) / (1.0 - abar_t)
         dtype = self.working_dtype(x_t)
         x0, x_t = x0.to(dtype), x_t.to(dtype)
-        mean = float(c0) * x0 + float(ct) * x_t
-        return mean, torch.tensor(float(var.clamp_min(0).sqrt()), dtype=dtype, device=x0.device)
+        mean = c0 * x0 + ct * x_t
+        return mean, torch.full((), math.sqrt(max(var, 0.0)), dtype=dtype, device=x0.device)

@@ -27,6 +27,15 @@ Usage::
     python benchmarks/bench_inferer.py --image-size 32 --batch 4 --official-steps 50 --repeats 3
     python benchmarks/bench_inferer.py --device cuda --size paper --image-size 128 --batch 64 --autocast bf16
     python benchmarks/bench_inferer.py --checkpoint runs/real_study/model/model.pt --data runs/real_study/cache
+
+``--volume`` measures volume inference instead (:class:`anofpdm_monai.inferers.AnoFPDMVolumeInferer` on one
+synthetic case held as a MONAI ``MetaTensor``, as the inference pipeline gives it): slices/s over ``--repeats`` runs,
+each in a fresh subprocess. With ``--compare OTHER_CHECKOUT`` the same runs are made with the package of another
+checkout (e.g. ``git worktree add /tmp/wt_before HEAD``), alternating which goes first in each repeat, and the
+medians and their ratio are printed::
+
+    python benchmarks/bench_inferer.py --volume --compare /tmp/wt_before --size tiny --image-size 64 --depth 16 \
+        --batch 8 --steps 600 --strides 10 --repeats 5
 """
 
 from __future__ import annotations
@@ -51,10 +60,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+# ANOFPDM_BENCH_REPO: import the package from another checkout (the --compare runs of --volume)
+REPO = Path(os.environ.get("ANOFPDM_BENCH_REPO") or Path(__file__).resolve().parents[1]).resolve()
 sys.path.insert(0, str(REPO))
 
-from anofpdm_monai.inferers import AnoFPDMInferer, ForwardProcessResult  # noqa: E402
+from anofpdm_monai.inferers import AnoFPDMInferer, AnoFPDMVolumeInferer, ForwardProcessResult  # noqa: E402
 from anofpdm_monai.metrics import dice_per_slice  # noqa: E402
 from anofpdm_monai.networks import HEALTHY, NULL, build_diffusion_unet, load_network  # noqa: E402
 from anofpdm_monai.postprocessing import scaled_min_component_size  # noqa: E402
@@ -330,7 +340,6 @@ def run_config(args: argparse.Namespace, cfg: dict[str, Any], save_tensors: bool
         del stored
         result = None
     else:
-        amp = torch.bfloat16 if args.autocast == "bf16" else None
         inferer = AnoFPDMInferer(
             guidance_scale=args.guidance,
             map_channels=channels,
@@ -338,7 +347,7 @@ def run_config(args: argparse.Namespace, cfg: dict[str, Any], save_tensors: bool
             stride=cfg["stride"],
             reference=args.reference,
             seed=args.seed,
-            autocast_dtype=amp,
+            precision="bf16" if args.autocast == "bf16" else "fp32",
             threshold=0.0,
         )
         grid = inferer.timesteps
@@ -369,14 +378,19 @@ def run_config(args: argparse.Namespace, cfg: dict[str, Any], save_tensors: bool
         out["cuda_delta_mb"] = (torch.cuda.max_memory_allocated(device) - cuda_base) / MB
     if save_tensors:
         out["summary"] = {k: v.detach().cpu() for k, v in summary.items()}
-        out["result"] = None if result is None else _result_to_cpu(result)
+        out["result"] = None if result is None else _result_fields(result)
         out["timesteps"] = torch.as_tensor(grid)
     return out
 
 
+def _result_fields(result: ForwardProcessResult) -> dict[str, Any]:
+    """The result's fields on the CPU: a plain dict, so the parent reads the child's file with weights_only=True."""
+    return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(result).items()}
+
+
 def _result_to_cpu(result: ForwardProcessResult) -> ForwardProcessResult:
-    values = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(result).items()}
-    return ForwardProcessResult(**values)
+    """The result with its tensors on the CPU (benchmarks/gpu_check.py keeps several runs' results)."""
+    return ForwardProcessResult(**_result_fields(result))
 
 
 def run_in_child(args: argparse.Namespace, cfg: dict[str, Any], save_tensors: bool, workdir: Path) -> dict[str, Any]:
@@ -391,8 +405,10 @@ def run_in_child(args: argparse.Namespace, cfg: dict[str, Any], save_tensors: bo
     )
     if proc.returncode != 0:
         raise RuntimeError(f"configuration {cfg['name']} failed:\n{proc.stderr[-3000:]}")
-    result = torch.load(out, weights_only=False)
+    result = torch.load(out, weights_only=True)  # tensors and plain containers only (see _result_fields)
     out.unlink()
+    if result.get("result") is not None:
+        result["result"] = ForwardProcessResult(**result["result"])
     return result
 
 
@@ -404,6 +420,121 @@ def child_main(spec_path: str, out_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     args = argparse.Namespace(**spec["args"])
     torch.save(run_config(args, spec["cfg"], spec["save"]), out_path)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- volume mode
+def volume_run(args: argparse.Namespace) -> dict[str, Any]:
+    """One timed volume inference (after a warm-up batch) in this process: a synthetic (1, C, S, S, D) MetaTensor
+    case whose every slice bears brain, cut into batches of ``--batch`` slices."""
+    from monai.data import MetaTensor
+
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    net, _ = build_network(args, device)
+    in_channels = net.config["in_channels"]
+    g = torch.Generator().manual_seed(args.seed + 1)
+    shape = (1, in_channels, args.image_size, args.image_size, args.depth)
+    affine = torch.diag(torch.tensor([1.5, 1.5, 3.0, 1.0], dtype=torch.float64))
+    image = MetaTensor((torch.rand(shape, generator=g) * 2 - 1).to(device), affine=affine)
+    brain = MetaTensor(torch.ones(1, 1, *shape[2:]), affine=affine)
+    inferer = AnoFPDMInferer(
+        guidance_scale=args.guidance,
+        map_channels=map_channels_for(args, in_channels),
+        t_max=args.steps - 1,
+        stride=args.strides[0],
+        reference=args.reference,
+        seed=args.seed,
+        precision="bf16" if args.autocast == "bf16" else "fp32",
+        threshold=0.0,
+    )
+    volume = AnoFPDMVolumeInferer(inferer, batch_size=args.batch)
+    counted = CountingNetwork(net)
+    with torch.no_grad():  # warm-up at the batch shape (allocator, kernels)
+        n = min(args.batch, args.depth)
+        counted(
+            image.as_tensor()[0, ..., :n].permute(3, 0, 1, 2).repeat(2, 1, 1, 1),
+            torch.full((2 * n,), 10, device=device),
+            torch.full((2 * n,), NULL, device=device),
+        )
+    counted.reset()
+    _sync(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = volume(image, counted, brain=brain, case_id="bench-case")  # older checkouts ignore case_id
+    _sync(device)
+    elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    return {
+        "repo": str(REPO),
+        "time_s": elapsed,
+        "cpu_s": cpu_s,
+        "slices": int(out["kept"].sum()),
+        "grid_steps": len(inferer.timesteps),
+        "calls": counted.calls,
+        "map_mean": float(out["anomaly_map"].float().mean()),
+    }
+
+
+def volume_main(args: argparse.Namespace) -> int:
+    """--volume: this checkout (and ``--compare``'s) in fresh subprocesses, alternating the order per repeat."""
+    trees = [("this", Path(__file__).resolve().parents[1])]
+    if args.compare is not None:
+        trees.append(("compare", args.compare.resolve()))
+    child_args = [a for a in (sys.argv[1:]) if a != "--volume"]
+    if "--compare" in child_args:
+        i = child_args.index("--compare")
+        del child_args[i : i + 2]
+    print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
+    print(f"device: {args.device} - {describe(torch.device(args.device))}")
+    print(
+        f"volume: 1 case, {args.depth} slices of {args.image_size}x{args.image_size}, batch {args.batch}, network "
+        f"{args.size} (random weights), DDIM, grid 0..{args.steps - 1} stride {args.strides[0]}, "
+        f"{args.threads} threads"
+    )
+    times: dict[str, list[float]] = {name: [] for name, _ in trees}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in trees}
+    info: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_volume_") as tmp:
+        for rep in range(args.repeats):
+            order = trees if rep % 2 == 0 else trees[::-1]
+            for name, repo in order:
+                out = Path(tmp) / f"{name}-{rep}.json"
+                env = {**os.environ, "ANOFPDM_BENCH_REPO": str(repo)}
+                cmd = [sys.executable, str(Path(__file__).resolve()), *child_args, "--volume-child", str(out)]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"volume run of {repo} failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(out.read_text())
+                times[name].append(r["time_s"])
+                cpu[name].append(r["cpu_s"])
+                info[name] = r
+                print(
+                    f"  repeat {rep + 1}/{args.repeats} {name:<8} {r['time_s']:7.2f} s wall {r['cpu_s']:7.2f} s CPU "
+                    f"{r['slices'] / r['time_s']:7.3f} slices/s ({r['repo']})",
+                    flush=True,
+                )
+    print()
+    print(f"{'checkout':<10} {'repo':<40} {'median wall s':>13} {'median CPU s':>12} {'slices/s':>9} {'calls':>6}")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    for name, repo in trees:
+        r = info[name]
+        print(
+            f"{name:<10} {str(repo):<40} {med[name]:>13.2f} {med_cpu[name]:>12.2f} "
+            f"{r['slices'] / med[name]:>9.3f} {r['calls']:>6}"
+        )
+    if args.compare is not None:
+        wall_ratio, cpu_ratio = med["compare"] / med["this"], med_cpu["compare"] / med_cpu["this"]
+        print(f"ratio of the medians compare/this: wall {wall_ratio:.3f}x, CPU {cpu_ratio:.3f}x (> 1: this is faster)")
+        # the two runs of a repeat are adjacent in time: their ratio is less exposed to other load on the machine
+        paired = [c / t for c, t in zip(times["compare"], times["this"])]
+        paired_cpu = [c / t for c, t in zip(cpu["compare"], cpu["this"])]
+        print(
+            f"median of the per-repeat ratios compare/this: wall {statistics.median(paired):.3f}x, "
+            f"CPU {statistics.median(paired_cpu):.3f}x (per repeat, CPU: {[round(r, 3) for r in paired_cpu]})"
+        )
+    if args.json is not None:
+        payload = {"command": sys.argv, "device": describe(torch.device(args.device)), "times": times, "cpu": cpu}
+        args.json.write_text(json.dumps(payload, indent=1))
     return 0
 
 
@@ -521,9 +652,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--volume", action="store_true", help="measure volume inference (slices/s) instead")
+    parser.add_argument("--depth", type=int, default=16, help="--volume: slices of the synthetic case")
+    parser.add_argument("--compare", type=Path, default=None, help="--volume: another checkout to run side by side")
+    parser.add_argument("--volume-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child_main(*args.child)
+    if args.volume_child is not None:
+        args.batch = args.batch or (8 if args.device == "cpu" else 64)
+        args.volume_child.write_text(json.dumps(volume_run(args)))
+        return 0
+    if args.volume:
+        return volume_main(args)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available")

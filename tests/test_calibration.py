@@ -35,17 +35,19 @@ BRATS = ["flair", "t1", "t1ce", "t2"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# select_tau: tau_q = numpy-linear quantile of the healthy c; first tau_q minimising FN + FP
+# select_tau: tau_q = numpy-linear quantile of the healthy c; first tau_q minimising FN + FP under inference's rule
+# (c <= tau is unhealthy: a healthy slice exactly AT tau_q is an error)
 # --------------------------------------------------------------------------------------------------------------------
 
 HEALTHY_C = [0.90, 0.95, 0.97, 0.99, 1.00]  # sorted; linear quantile at q sits at position 4 q
 
 # (unhealthy c, levels, expected tau, expected errors), derived by hand:
 SELECT_TAU_CASES = [
-    # levels on the order statistics: taus .90/.95/.97/.99/1.0 give 2/2/2/3/4 errors -> the FIRST minimiser, .90
-    ([0.50, 0.60, 0.93, 0.96], [0.0, 0.25, 0.5, 0.75, 1.0], 0.90, 2),
-    # same taus, errors 3/2/2/3/4 -> .95 (first of the tie .95/.97)
-    ([0.50, 0.60, 0.93, 0.96, 0.94], [0.0, 0.25, 0.5, 0.75, 1.0], 0.95, 2),
+    # levels on the order statistics: every tau is a healthy c, counted unhealthy at tau: taus .90/.95/.97/.99/1.0
+    # give (2+1)/(1+2)/(0+3)/(0+4)/(0+5) = 3/3/3/4/5 errors -> the FIRST minimiser, .90
+    ([0.50, 0.60, 0.93, 0.96], [0.0, 0.25, 0.5, 0.75, 1.0], 0.90, 3),
+    # same taus, errors (3+1)/(1+2)/(0+3)/4/5 -> .95 (first of the tie .95/.97)
+    ([0.50, 0.60, 0.93, 0.96, 0.94], [0.0, 0.25, 0.5, 0.75, 1.0], 0.95, 3),
     # interpolated levels: q=.1 -> position .4 -> .90 + .4 * .05 = .92 (errors 1 + 1); q=.6 -> position 2.4 ->
     # .97 + .4 * .02 = .978 (errors 0 + 3)
     ([0.50, 0.60, 0.975], [0.1, 0.6], 0.92, 2),
@@ -69,7 +71,7 @@ def test_select_tau_matches_brute_force_with_numpy_linear_quantile():
     healthy = rng.uniform(0.8, 1.0, size=37)
     unhealthy = rng.uniform(0.5, 0.95, size=23)
     taus = [float(np.quantile(healthy, q, method="linear")) for q in DEFAULT_TAU_LEVELS]
-    errs = [int((unhealthy > t).sum() + (healthy < t).sum()) for t in taus]
+    errs = [int((unhealthy > t).sum() + (healthy <= t).sum()) for t in taus]
     first = int(np.argmin(errs))  # argmin returns the first minimiser
     assert select_tau(healthy, unhealthy) == (pytest.approx(taus[first], abs=0), errs[first])
 
@@ -553,10 +555,12 @@ def test_run_calibration_with_the_healthy_baseline(synthetic, tmp_path):
     x = torch.stack([data[i]["image"] for i in range(len(data))])
     labels = np.asarray(data.slice_labels)
     inferer = AnoFPDMInferer.from_calibration(cal, scheduler=info["schedule"], seed=0)
-    raw = inferer.forward_process(x, network, relative=False).divergence[0].numpy()  # (N, K, 1)
+    # each slice's noise keyed by (seed, case, slice), as the calibration drew it
+    keys = inferer.noise_keys([data[i]["case_id"] for i in range(len(data))], data.table["slice_index"].tolist())
+    raw = inferer.forward_process(x, network, relative=False, noise_keys=keys).divergence[0].numpy()  # (N, K, 1)
     expected = np.median(raw[labels == 0], axis=0)
     np.testing.assert_allclose(cal.baseline_curve, expected, rtol=1e-4)  # batches of 32 vs one batch: float32
-    rel = inferer.run(x, network).divergence[0].numpy()
+    rel = inferer.run(x, network, noise_keys=keys).divergence[0].numpy()
     np.testing.assert_allclose(rel, raw / expected, rtol=1e-4)
     np.testing.assert_allclose(cal.m_max, [(raw / expected)[labels == 1].max()], rtol=1e-4)
 

@@ -13,19 +13,23 @@ import pytest
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.networks.schedulers import DDPMScheduler
 
 import anofpdm_monai.engines.prepare_batch as prepare_batch_module
 from anofpdm_monai.engines import (
     ClassConditionedDiffusionInferer,
     ClassifierFreePrepareBatch,
+    NoisyClassifierPrepareBatch,
     ProgressBar,
     ReconstructionSaver,
     RNGState,
+    SliceLabelPrepareBatch,
     TimeBudget,
     TrainingCheckpointer,
 )
 from anofpdm_monai.networks import NULL, CheckpointError, CheckpointMetadata, build_diffusion_unet, load_network
+from anofpdm_monai.schedule import NoiseSchedule
 
 T = 1000
 
@@ -204,6 +208,113 @@ def test_load_state_dict_gives_other_ranks_their_own_stream(monkeypatch):
     assert _same(drawn, _draw(again, batch))  # still deterministic on that rank
 
 
+class _Unmovable(torch.Tensor):
+    """A batch entry the loss does not use: moving it (``.to``, ``.cuda``, ``.cpu``) fails the test."""
+
+    def to(self, *args, **kwargs):
+        raise AssertionError("a batch entry the loss does not use was moved to the device")
+
+    cuda = cpu = to
+
+
+def _full_batch(n: int = 4, channels: int = 2, size: int = 8) -> dict:
+    """A slice batch as the data pipeline makes it: MetaTensor images, pixel labels, brain masks and ids."""
+    batch = _batch(n, channels, size)
+    batch["image"] = MetaTensor(batch["image"], meta={"filename_or_obj": "x.nii.gz"})
+    batch["label"] = torch.zeros(n, 1, size, size).as_subclass(_Unmovable)
+    batch["brain"] = torch.ones(n, 1, size, size).as_subclass(_Unmovable)
+    batch["case_id"] = ["case"] * n
+    return batch
+
+
+def test_only_what_the_loss_uses_goes_to_the_device():
+    batch = _full_batch()
+    images, target, args, kwargs = ClassifierFreePrepareBatch(seed=0)(batch, device="cpu")
+    assert type(images) is torch.Tensor and torch.equal(images, batch["image"].as_tensor())  # no MetaTensor
+    assert args == () and set(kwargs) == {"noise", "timesteps", "class_labels"}
+    for value in (target, *kwargs.values()):
+        assert type(value) is torch.Tensor and value.device == images.device
+    # the noise-conditioned classifier's batches too: noisy images, labels, timesteps
+    x_t, labels, args, kwargs = NoisyClassifierPrepareBatch(NoiseSchedule(), seed=0)(batch, device="cpu")
+    assert type(x_t) is torch.Tensor and set(kwargs) == {"timesteps"} and labels.device == x_t.device
+
+
+def test_the_cpu_stream_is_the_private_generators_as_before():
+    """On the CPU the draws are those of the private generator in the order noise, timesteps, label dropout."""
+    batch = _batch(16, channels=3, size=4)
+    images, noise, _, kwargs = ClassifierFreePrepareBatch(p_uncond=0.3, seed=9, max_timestep=500)(batch)
+    g = torch.Generator().manual_seed(9)
+    assert torch.equal(noise, torch.randn(images.shape, generator=g))
+    assert torch.equal(kwargs["timesteps"], torch.randint(0, 500, (16,), generator=g))
+    drop = torch.rand(16, generator=g) < 0.3
+    assert torch.equal(kwargs["class_labels"], torch.where(drop, NULL, batch["class_label"]))
+
+
+def _reference_device_draws(seed: int, batch, n_batches: int, p: float) -> list[tuple[torch.Tensor, ...]]:
+    """The device path by its definition: per batch a seed drawn from the private CPU generator re-seeds the device
+    generator, which then draws the noise, the timesteps and the dropout."""
+    master = torch.Generator().manual_seed(seed)
+    out = []
+    n = batch["image"].shape[0]
+    for _ in range(n_batches):
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=master)))
+        noise = torch.randn(batch["image"].shape, generator=g)
+        t = torch.randint(0, T, (n,), generator=g)
+        drop = torch.rand(n, generator=g) < p
+        out.append((noise, t, torch.where(drop, NULL, batch["class_label"])))
+    return out
+
+
+def test_device_generator_path_is_defined_deterministic_and_resumable(monkeypatch):
+    """The path of a non-CPU device (run here on the CPU): a device generator re-seeded per batch from the private
+    generator; its state_dict is still the private generator's CPU ByteTensor, and resuming continues exactly."""
+    monkeypatch.setattr(ClassifierFreePrepareBatch, "_draws_from_private_generator", staticmethod(lambda device: False))
+    batch = _batch(32, channels=2, size=4)
+    pb = ClassifierFreePrepareBatch(p_uncond=0.4, seed=5)
+    drawn = [_draw(pb, batch) for _ in range(3)]
+    for got, expected in zip(drawn, _reference_device_draws(5, batch, 3, 0.4)):
+        assert _same(got, expected)
+    # resume after the first batch
+    first = ClassifierFreePrepareBatch(p_uncond=0.4, seed=5)
+    _draw(first, batch)
+    state = first.state_dict()
+    assert state["generator"].dtype == torch.uint8 and state["generator"].device.type == "cpu"
+    resumed = ClassifierFreePrepareBatch(p_uncond=0.4)
+    resumed.load_state_dict(state)
+    assert _same(_draw(resumed, batch), drawn[1]) and _same(_draw(resumed, batch), drawn[2])
+    # the epoch restart of a seeded (validation) prepare-batch replays the same draws
+    seen = []
+    engine = Engine(lambda e, b: seen.append(_draw(pb, b)))
+    pb.attach(engine)
+    engine.run([batch, batch], max_epochs=2)
+    assert _same(seen[0], drawn[0]) and _same(seen[2], drawn[0]) and _same(seen[3], drawn[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_noise_is_drawn_on_the_cuda_device():
+    batch = _batch(8, channels=2, size=8)
+    pb = ClassifierFreePrepareBatch(p_uncond=0.4, seed=1)
+    images, noise, _, kwargs = pb(batch, device="cuda")
+    assert images.is_cuda and noise.device == images.device
+    assert all(v.device == images.device for v in kwargs.values())
+    state = pb.state_dict()
+    assert state["generator"].device.type == "cpu"
+    again = ClassifierFreePrepareBatch(p_uncond=0.4)
+    again.load_state_dict(state)
+    a, b = pb(batch, device="cuda"), again(batch, device="cuda")
+    assert torch.equal(a[1], b[1]) and torch.equal(a[3]["class_labels"], b[3]["class_labels"])
+
+
+def test_slice_label_prepare_batch_hands_the_slice_identities_to_the_inferer():
+    batch = _full_batch()
+    batch["slice_index"] = torch.arange(10, 14)
+    image, labels, args, kwargs = SliceLabelPrepareBatch()(batch, device="cpu")
+    assert type(image) is torch.Tensor and torch.equal(labels, batch["class_label"]) and args == ()
+    assert kwargs["case_id"] == ["case"] * 4 and torch.equal(kwargs["slice_index"], torch.arange(10, 14))
+    # a batch without them: image and target only (MONAI's evaluators accept both forms)
+    assert len(SliceLabelPrepareBatch()({"image": torch.zeros(2, 1, 2, 2), "class_label": torch.zeros(2)})) == 2
+
+
 # ------------------------------------------------------------------------------------------------------------ inferer
 
 
@@ -318,7 +429,7 @@ class _Run:
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_checkpoint_files_pruning_and_final_model(tmp_path):

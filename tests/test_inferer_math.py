@@ -13,6 +13,7 @@ contract of the streaming aggregation, and exact DDIM inversion with a perfect m
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
@@ -25,6 +26,7 @@ from monai.networks.schedulers import DDPMScheduler
 from scipy import ndimage
 
 from anofpdm_monai.inferers.anofpdm import AnoFPDMInferer, ForwardProcessResult, run_forward_process
+from anofpdm_monai.inferers.noise import slice_noise_key
 from anofpdm_monai.inferers.reconstruction import ddim_decode, ddim_encode, ddpm_decode
 from anofpdm_monai.networks.unet import HEALTHY, NULL, UNHEALTHY
 from anofpdm_monai.postprocessing import (
@@ -225,10 +227,34 @@ def live_tensor_bytes() -> int:
 
 
 def forward_noises(forward: str, num_steps: int, seed: int = SEED) -> list[np.ndarray]:
-    """The forward noise the inferer draws with ``seed``: one draw for DDIM, one per step for DDPM."""
+    """The forward noise ``run_forward_process`` draws with one generator for the batch, seeded with ``seed``: one
+    draw for DDIM, one per step for DDPM."""
     gen = torch.Generator().manual_seed(seed)
     n = num_steps if forward == "ddpm" else 1
     return [torch.randn((B, C, SIZE, SIZE), generator=gen).double().numpy() for _ in range(n)]
+
+
+def reference_noise_key(seed: int, case: str, index: int) -> int:
+    """The documented per-slice key, from hashlib directly: blake2b (8 bytes) of ``anofpdm-noise/v1|seed|case|index``,
+    little endian, top bit cleared."""
+    digest = hashlib.blake2b(f"anofpdm-noise/v1|{seed}|{case}|{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def positional_keys(seed: int = SEED, n: int = B) -> list[int]:
+    """The keys of a batch without slice identities: positions 0 .. n-1 of the anonymous case ``""``."""
+    return [reference_noise_key(seed, "", b) for b in range(n)]
+
+
+def keyed_noises(forward: str, num_steps: int, keys: list[int], shape: tuple = (C, SIZE, SIZE)) -> list[np.ndarray]:
+    """Per-slice forward noise: at draw k, slice b gets the k-th ``shape`` draw of a CPU generator seeded with key
+    b (one draw for DDIM, one per step for DDPM); returned per draw as (B, ...) arrays."""
+    n = num_steps if forward == "ddpm" else 1
+    per_slice = []
+    for key in keys:
+        gen = torch.Generator().manual_seed(key)
+        per_slice.append([torch.randn(shape, generator=gen).double().numpy() for _ in range(n)])
+    return [np.stack([draws[k] for draws in per_slice]) for k in range(n)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -552,7 +578,21 @@ def test_streaming_equals_naive(forward, reference, divergence, mode, clip):
                 counts["kept"] += int((ref["pred"] == 1).sum())
                 assert out.guidance_scale == pytest.approx(w)
                 assert out.mask.shape == out.anomaly_map.shape == (B, SIZE, SIZE)
-        # the full __call__ (fresh seeded generator, one w) reproduces the same numbers
+        # the full __call__ (one w; the noise of slice b from the key of (SEED, "", b)) reproduces the numbers of a
+        # run with one generator per slice seeded with those keys
+        keyed = run_forward_process(
+            net,
+            x0,
+            SCHEDULE,
+            grid,
+            GUIDANCE,
+            channels,
+            forward=forward,
+            reference=reference,
+            divergence=divergence,
+            clip=clip,
+            generator=[torch.Generator().manual_seed(k) for k in positional_keys()],
+        )
         inferer = AnoFPDMInferer(
             guidance_scale=GUIDANCE[2],
             map_channels=channels,
@@ -565,7 +605,7 @@ def test_streaming_equals_naive(forward, reference, divergence, mode, clip):
             seed=SEED,
         )
         called = inferer(x0, net)
-        again = inferer.postprocess(result, w_index=2)
+        again = inferer.postprocess(keyed, w_index=2)
         for name in ("anomaly_map", "threshold", "divergence", "mse_guided", "mse_reference", "cosine", "end_step"):
             torch.testing.assert_close(getattr(called, name), getattr(again, name), rtol=1e-6, atol=1e-7)
         assert torch.equal(called.mask, again.mask)
@@ -587,7 +627,8 @@ def test_healthy_baseline_divides_m_t_before_the_end_step(forward):
     x0 = torch.from_numpy(x0_np).float()
     grid, channels, w = STRIDED_GRID, [0, 2], 2.0
     net = _net("affine", x0_np)
-    traj = naive_trajectory(net, x0_np, forward_noises(forward, len(grid)), grid, w, forward, "null", True)
+    noises = keyed_noises(forward, len(grid), positional_keys())  # what the inferer draws without noise_keys
+    traj = naive_trajectory(net, x0_np, noises, grid, w, forward, "null", True)
     raw = naive_statistics(traj, x0_np, channels, "v2")
     # a baseline that grows with t like the slices' own M_t, perturbed per step so that the ratio's argmax moves
     factor = np.random.default_rng(3).uniform(0.5, 1.5, size=(len(grid), len(channels)))
@@ -614,6 +655,47 @@ def test_healthy_baseline_divides_m_t_before_the_end_step(forward):
         AnoFPDMInferer(divergence_baseline="healthy", m_max=m_max.tolist(), **options)(x0, net)
     with pytest.raises(ValueError, match="baseline_curve must be"):
         AnoFPDMInferer(divergence_baseline="healthy", baseline_curve=curve[1:], **options)
+
+
+@pytest.mark.parametrize("forward", ["ddim", "ddpm"])
+def test_per_slice_noise_keys_equal_naive(forward):
+    """Given noise keys of (seed, case, slice), slice b's forward noise is the stream of a generator seeded with its
+    key (the hashlib formula of the docs, re-derived here), and the statistics are the naive reference's on that
+    noise; without keys the positions 0 .. B-1 of the anonymous case are the keys."""
+    x0_np = make_slices()
+    x0 = torch.from_numpy(x0_np).float()
+    grid, channels, w = STRIDED_GRID, [1, 3], 2.0
+    net = _net("affine", x0_np)
+    inferer = AnoFPDMInferer(guidance_scale=w, map_channels=channels, timesteps=grid, forward=forward, seed=SEED)
+    slices = [40, 12, 33]
+    keys = inferer.noise_keys("BraTS2021_00006", slices)
+    assert keys == [reference_noise_key(SEED, "BraTS2021_00006", i) for i in slices]
+    assert inferer.noise_keys(["a", "b", "a"], [1, 1, 2]) == [
+        reference_noise_key(SEED, c, i) for c, i in ("a1", "b1", "a2")
+    ]
+    assert slice_noise_key(SEED, None, 5) == reference_noise_key(SEED, "", 5) == positional_keys(n=6)[5]
+    assert len(set(keys)) == 3 and all(0 <= k < 2**63 for k in keys)
+    result = inferer.run(x0, net, noise_keys=keys)
+    st = naive_statistics(
+        naive_trajectory(net, x0_np, keyed_noises(forward, len(grid), keys), grid, w, forward, "null", True),
+        x0_np,
+        channels,
+        "v2",
+    )
+    np.testing.assert_allclose(_np(result.divergence[0]), st["M"], **CURVE_TOL)
+    np.testing.assert_allclose(_np(result.mse_guided[0]), st["mse_h"], **CURVE_TOL)
+    np.testing.assert_allclose(_np(result.mse_reference), st["mse_r"], **CURVE_TOL)
+    _check_tie_margins(st, _np(result.divergence[0]), forward)
+    np.testing.assert_array_equal(result.end_index[0].numpy(), st["te"])
+    # the keys matter: another case (or seed) draws other noise; the step-0 noise is small, so compare the inputs
+    # the network saw at the first step
+    first = net.calls[0]["x"]
+    AnoFPDMInferer(map_channels=channels, timesteps=grid, forward=forward, seed=SEED).run(
+        x0, net, noise_keys=inferer.noise_keys("another case", slices)
+    )
+    assert not torch.equal(net.calls[len(grid)]["x"], first)
+    with pytest.raises(ValueError, match="noise_keys has 2 keys for a batch of 3"):
+        inferer.run(x0, net, noise_keys=keys[:2])
 
 
 def test_first_maximum_and_inclusive_end_step():

@@ -47,6 +47,12 @@ class CalibrationInferer(Inferer):
         inferer: the AnoFPDM inferer whose settings (grid, forward mode, ...) are calibrated.
         guidance_scales: candidate w.
 
+    Called with the slices, the network and optionally their ``case_id`` (one per slice, or one for all) and
+    ``slice_index`` (RAS axial indices; :class:`~anofpdm_monai.engines.SliceLabelPrepareBatch` passes both): each
+    slice's forward noise then comes from its (seed, case, slice) key, so the statistics do not depend on the batch
+    size or the number of ranks; without them from the slices' positions in the batch. ``noise_keys`` gives the keys
+    directly.
+
     Returns (when called):
         dict with ``divergence_max`` (W, B, Cm), ``divergence_max_joint`` (W, B) and ``score`` (W, B), the health
         score of the inferer's settings; with ``divergence_baseline="healthy"`` also the raw M_t curves
@@ -61,9 +67,25 @@ class CalibrationInferer(Inferer):
             raise CalibrationError("no guidance scale candidates")
 
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: Any,
+        *args: Any,
+        case_id: str | Sequence[str] | None = None,
+        slice_index: Sequence[int] | torch.Tensor | None = None,
+        noise_keys: Sequence[int] | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        if noise_keys is None and slice_index is not None:
+            noise_keys = self.inferer.noise_keys(case_id, slice_index)
         result = self.inferer.forward_process(
-            inputs, network, guidance_scales=self.guidance_scales, need_maps=False, relative=False
+            inputs,
+            network,
+            guidance_scales=self.guidance_scales,
+            need_maps=False,
+            relative=False,
+            noise_keys=noise_keys,
         )
         out = {
             "divergence_max": result.divergence_max("per_modality").cpu(),
@@ -124,14 +146,16 @@ def collect_statistics(
     progress: bool = True,
     total: int | None = None,
 ) -> CalibrationStatistics:
-    """One pass of network calls over the validation batches (dicts with ``image`` and ``class_label``), for all
-    candidate w at once."""
+    """One pass of network calls over the validation batches (dicts with ``image`` and ``class_label``, and
+    ``case_id`` and ``slice_index`` for per-slice noise keys, as :class:`~anofpdm_monai.data.SliceDataset` gives), for
+    all candidate w at once."""
     network.eval()
     stats_inferer = CalibrationInferer(inferer, guidance_scales)
     acc = StatisticsAccumulator(guidance_scales)
     for batch in tqdm(batches, desc="calibration pass", unit="batch", total=total, disable=not progress):
         x = torch.as_tensor(batch["image"]).to(device)
-        acc.update(stats_inferer(x, network), batch["class_label"])
+        ids = {"case_id": batch.get("case_id"), "slice_index": batch.get("slice_index")}
+        acc.update(stats_inferer(x, network, **ids), batch["class_label"])
     return acc.statistics()
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from monai.engines.utils import DiffusionPrepareBatch
 from monai.inferers import DiffusionInferer
+from monai.utils import CommonKeys, convert_to_tensor
 
 from ..networks.unet import NULL
 from ..schedule import NoiseSchedule
@@ -39,6 +40,13 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
     every ``EPOCH_STARTED`` of the engine it is attached to: a validation loss computed this way is comparable
     between evaluations. Without it, a private generator (seeded from torch's global RNG on first use) is used and
     its state is saved in checkpoints through ``state_dict`` for exact resumption.
+
+    Only what the loss uses goes to the device: the images (as plain tensors, without ``MetaTensor`` metadata), the
+    noise, the timesteps and the labels; other batch entries (pixel labels, brain masks, ids) stay where they are.
+    The random values are drawn on the images' device: on the CPU straight from the private (CPU) generator, as
+    before; on another device (CUDA) from a generator on that device, re-seeded at every batch with a value drawn
+    from the private generator. The private generator's state is therefore still all there is to checkpoint (the same
+    ``state_dict`` as before) and resumption stays exact; the CUDA streams differ from the CPU ones.
 
     Args:
         num_train_timesteps: T; timesteps are drawn uniformly from [0, T).
@@ -76,19 +84,58 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
             self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + _rank())
         else:
             self.generator.manual_seed(seed)
+        self._device_generators: dict[torch.device, torch.Generator] = {}
+        self._batch_generator: torch.Generator | None = None  # the generator of the batch being prepared
 
-    # hooks of DiffusionPrepareBatch, drawn from the private CPU generator so that results do not depend on the device
+    @staticmethod
+    def _draws_from_private_generator(device: torch.device) -> bool:
+        """Whether the values for ``device`` come straight from the private CPU generator (the CPU), or from a
+        per-batch re-seeded generator on the device."""
+        return device.type == "cpu"
+
+    def _start_batch(self, device: torch.device | str | None) -> torch.Generator:
+        """The generator of the next batch on ``device`` (see the class docstring)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if self._draws_from_private_generator(device):
+            self._batch_generator = self.generator
+        else:
+            g = self._device_generators.get(device)
+            if g is None:
+                g = self._device_generators[device] = torch.Generator(device=device)
+            # a CPU draw (no device synchronisation) of the batch's seed
+            g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+            self._batch_generator = g
+        return self._batch_generator
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        g = self._batch_generator
+        if g is None or g.device != device:  # a hook called outside __call__
+            g = self._start_batch(device)
+        return g
+
+    # hooks of DiffusionPrepareBatch, drawn on the images' device (see the class docstring)
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.randn(images.shape, generator=self.generator, dtype=images.dtype).to(images.device)
+        g = self._rng(images.device)
+        return torch.randn(images.shape, generator=g, dtype=images.dtype, device=images.device)
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.randint(0, self.max_timestep, (images.shape[0],), generator=self.generator).to(images.device)
+        g = self._rng(images.device)
+        return torch.randint(0, self.max_timestep, (images.shape[0],), generator=g, device=images.device)
 
     def get_class_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Replace each label by ``null_label`` with probability ``p_uncond``."""
+        """Replace each label by ``null_label`` with probability ``p_uncond`` (``labels`` on the images' device)."""
         labels = labels.reshape(-1).long()
-        drop = torch.rand(labels.shape, generator=self.generator) < self.p_uncond
-        return torch.where(drop.to(labels.device), torch.full_like(labels, self.null_label), labels)
+        drop = torch.rand(labels.shape, generator=self._rng(labels.device), device=labels.device) < self.p_uncond
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+
+    def _images(
+        self, batchdata: Mapping[str, Any], device: str | torch.device | None, non_blocking: bool, **kwargs: Any
+    ) -> torch.Tensor:
+        """The images on the device as a plain tensor; starts the batch's generator."""
+        images = convert_to_tensor(batchdata[CommonKeys.IMAGE], track_meta=False)
+        images = images.to(device=device, non_blocking=non_blocking, **kwargs)
+        self._start_batch(images.device)
+        return images
 
     def __call__(
         self,
@@ -99,10 +146,13 @@ class ClassifierFreePrepareBatch(DiffusionPrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         if not isinstance(batchdata, Mapping) or self.label_key not in batchdata:
             raise KeyError(f"batch must be a dict with key '{self.label_key}' (slice labels)")
-        images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
-        labels = torch.as_tensor(batchdata[self.label_key])
-        infer_kwargs["class_labels"] = self.get_class_labels(labels).to(images.device, non_blocking=non_blocking)
-        return images, target, args, infer_kwargs
+        images = self._images(batchdata, device, non_blocking, **kwargs)
+        # the order of the draws is the order of DiffusionPrepareBatch (noise, timesteps), then the label dropout
+        noise = self.get_noise(images)
+        timesteps = self.get_timesteps(images)
+        labels = torch.as_tensor(batchdata[self.label_key]).to(images.device, non_blocking=non_blocking)
+        infer_kwargs = {"noise": noise, "timesteps": timesteps, "class_labels": self.get_class_labels(labels)}
+        return images, self.get_target(images, noise, timesteps), (), infer_kwargs
 
     # ignite-style handler: restart the generator at each epoch of the engine (validation determinism)
     def attach(self, engine: Any) -> None:
@@ -195,7 +245,7 @@ class NoisyClassifierPrepareBatch(ClassifierFreePrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         if not isinstance(batchdata, Mapping) or self.label_key not in batchdata:
             raise KeyError(f"batch must be a dict with key '{self.label_key}' (slice labels)")
-        images = torch.as_tensor(batchdata["image"]).to(device=device, non_blocking=non_blocking)
+        images = self._images(batchdata, device, non_blocking, **kwargs)
         timesteps = self.get_timesteps(images)
         x_t = self.schedule.q_sample(images, timesteps, self.get_noise(images))
         labels = torch.as_tensor(batchdata[self.label_key]).reshape(-1).long().to(images.device)
@@ -203,8 +253,11 @@ class NoisyClassifierPrepareBatch(ClassifierFreePrepareBatch):
 
 
 class SliceLabelPrepareBatch:
-    """MONAI prepare-batch of slice batches: the images to the device and the slice labels (``class_label``, 0
-    healthy, 1 unhealthy) as the target, e.g. for the calibration evaluator."""
+    """MONAI prepare-batch of slice batches: the images to the device (plain tensors) and the slice labels
+    (``class_label``, 0 healthy, 1 unhealthy) as the target, e.g. for the calibration evaluator; a batch of
+    :class:`~anofpdm_monai.data.SliceDataset` items also gives the inferer the slices' ``case_id`` and
+    ``slice_index`` (keyword arguments), from which
+    :class:`~anofpdm_monai.calibration.CalibrationInferer` keys each slice's forward noise."""
 
     def __call__(
         self,
@@ -212,6 +265,10 @@ class SliceLabelPrepareBatch:
         device: torch.device | str | None = None,
         non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        image = torch.as_tensor(batchdata["image"]).to(device=device, non_blocking=non_blocking)
-        return image, torch.as_tensor(batchdata["class_label"]).reshape(-1)
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, tuple, dict[str, Any]]:
+        image = convert_to_tensor(batchdata["image"], track_meta=False)
+        image = image.to(device=device, non_blocking=non_blocking)
+        labels = torch.as_tensor(batchdata["class_label"]).reshape(-1)
+        if "slice_index" not in batchdata:
+            return image, labels
+        return image, labels, (), {"case_id": batchdata.get("case_id"), "slice_index": batchdata["slice_index"]}

@@ -1,4 +1,5 @@
-"""Inferers: the AnoFPDM forward process and inferers (slices and volumes), and the reconstruction baselines."""
+"""Inferers: the AnoFPDM forward process and inferers (slices and volumes), the reconstruction baselines, and the
+per-slice forward noise keys."""
 
 from .anofpdm import AnoFPDMInferer, AnoFPDMOutput, SliceThresholds
 from .baselines import (
@@ -9,7 +10,8 @@ from .baselines import (
     IntensityInferer,
     ReconstructionInferer,
 )
-from .forward_process import ForwardProcessResult, run_forward_process
+from .forward_process import ForwardProcessResult, plain_tensor, run_forward_process
+from .noise import NOISE_SCHEME, slice_noise_key, slice_noise_keys
 from .reconstruction import (
     classifier_guided_eps,
     classifier_log_prob_gradient,
@@ -34,6 +36,10 @@ __all__ = [
     "SliceThresholds",
     "ForwardProcessResult",
     "run_forward_process",
+    "plain_tensor",
+    "NOISE_SCHEME",
+    "slice_noise_key",
+    "slice_noise_keys",
     "classifier_guided_eps",
     "classifier_log_prob_gradient",
     "ddim_decode",

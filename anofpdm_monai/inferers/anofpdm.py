@@ -20,8 +20,9 @@ from monai.inferers import Inferer
 from ..postprocessing import batch_quantile, binarize_map, quantile_level
 from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_SCALE, AnoFPDMSettings
-from .forward_process import ForwardProcessResult, run_forward_process
-from .health import health_score
+from .forward_process import ForwardProcessResult, plain_tensor, run_forward_process
+from .health import health_score, is_unhealthy
+from .noise import Generators, PositionalGenerators, resolve_noise_keys, slice_generators, slice_noise_keys
 
 __all__ = ["AnoFPDMOutput", "AnoFPDMInferer", "SliceThresholds"]
 
@@ -98,9 +99,15 @@ class AnoFPDMInferer(Inferer):
             ``divergence_baseline="healthy"`` (from the calibration: :meth:`from_calibration`).
         scheduler: the model's schedule, a :class:`~anofpdm_monai.schedule.NoiseSchedule` or a MONAI scheduler;
             default: the papers' linear schedule with T = 1000 (use the one recorded in the checkpoint).
-        seed: seed of the forward noise (DDPM forward, and the first DDIM step); None uses the global RNG.
-        autocast_dtype: e.g. ``torch.bfloat16`` on GPU.
+        seed: seed of the forward noise (DDPM forward, and the first DDIM step). Each slice's noise comes from its
+            own generator, keyed by (seed, case, slice) (:mod:`~anofpdm_monai.inferers.noise`): pass ``noise_keys``
+            (:meth:`noise_keys` of the slices' case ids and axial indices) and a slice's results do not depend on the
+            batch it is in; without them a batch is taken as slices 0 .. B-1 of an anonymous case. None: the
+            global RNG, one draw for the whole batch.
         progress: progress bar over the steps.
+
+    The numeric mode of the network calls is the settings' ``precision`` (``precision="bf16"`` as an option):
+    :attr:`autocast_dtype` follows it.
     """
 
     def __init__(
@@ -114,7 +121,6 @@ class AnoFPDMInferer(Inferer):
         baseline_curve: Sequence[Sequence[float]] | torch.Tensor | None = None,
         scheduler: Any = None,
         seed: int | None = 0,
-        autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
         **options: Any,
     ) -> None:
@@ -155,8 +161,12 @@ class AnoFPDMInferer(Inferer):
                 )
             self.baseline_curve = curve
         self.seed = seed
-        self.autocast_dtype = autocast_dtype
         self.progress = progress
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the network calls: the settings' ``precision`` (None for fp32)."""
+        return self.settings.autocast_dtype
 
     @classmethod
     def from_calibration(
@@ -166,7 +176,7 @@ class AnoFPDMInferer(Inferer):
         calibration's own when given, e.g. after ``check_inference_setting``).
 
         ``overrides`` may set inference-only options (``aggregation``, ``median_kernel``, ``min_component_size``,
-        ``m_max``/``threshold``, ``seed``, ``autocast_dtype``, ``progress``); options the calibrated constants depend
+        ``m_max``/``threshold``, ``seed``, ``progress``); options the calibrated constants depend
         on must match the calibration (checked by the caller with ``Calibration.check``).
         """
         settings_overrides, rest = AnoFPDMSettings.split_kwargs(overrides)
@@ -188,10 +198,24 @@ class AnoFPDMInferer(Inferer):
             return getattr(settings, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
+    def noise_keys(
+        self, case_ids: str | Sequence[str] | None, slice_indices: Sequence[int] | torch.Tensor
+    ) -> list[int] | None:
+        """The noise keys of slices (one case id for all, or one per slice; RAS axial indices) with this
+        inferer's seed; None without a seed."""
+        return slice_noise_keys(self.seed, case_ids, slice_indices)
+
+    def _generators(self, inputs: torch.Tensor, noise_keys: Sequence[int] | torch.Tensor | None = None) -> Generators:
+        """One generator per slice on the inputs' device (keys: ``noise_keys``, else the batch positions); None
+        without a seed and keys (the global RNG)."""
+        if self.seed is None and noise_keys is None:
             return None
-        return torch.Generator(device=device).manual_seed(int(self.seed))
+        return slice_generators(resolve_noise_keys(self.seed, inputs.shape[0], noise_keys), inputs.device)
+
+    def _generator(self, device: torch.device) -> PositionalGenerators | None:
+        """The generators :meth:`forward_process` uses for a batch without ``noise_keys``, continued over several
+        calls (benchmarks/bench_grid.py runs the DDPM forward process one step at a time with them)."""
+        return None if self.seed is None else PositionalGenerators(self.seed, device)
 
     def forward_process(
         self,
@@ -200,11 +224,16 @@ class AnoFPDMInferer(Inferer):
         guidance_scales: Sequence[float] | None = None,
         need_maps: bool = True,
         relative: bool = True,
+        noise_keys: Sequence[int] | torch.Tensor | None = None,
     ) -> ForwardProcessResult:
         """Run :func:`run_forward_process` with this inferer's settings (several w at once if given).
 
         With ``divergence_baseline="healthy"`` M_t is divided by the calibrated ``baseline_curve``; ``relative=False``
-        gives the raw M_t instead (the calibration pass, which computes the curve)."""
+        gives the raw M_t instead (the calibration pass, which computes the curve). ``noise_keys``: one key per slice
+        (:meth:`noise_keys`), else the slices' positions in the batch.
+
+        The network gets plain tensors (a ``MetaTensor`` input is used without its metadata)."""
+        inputs = plain_tensor(inputs)
         ws = [self.guidance_scale] if guidance_scales is None else list(guidance_scales)
         s = self.settings
         baseline = None
@@ -227,7 +256,7 @@ class AnoFPDMInferer(Inferer):
             divergence=s.divergence,
             clip=s.clip,
             need_maps=need_maps,
-            generator=self._generator(inputs.device),
+            generator=self._generators(inputs, noise_keys),
             autocast_dtype=self.autocast_dtype,
             progress=self.progress,
             baseline_curve=baseline,
@@ -241,7 +270,7 @@ class AnoFPDMInferer(Inferer):
         anomaly_map = maps_m.mean(dim=1)
         cosine = r.cosine()[0]
         health = health_score(r, s.health_score)[0]
-        pred = torch.ones_like(health, dtype=torch.long) if self.tau is None else (health <= self.tau).long()
+        pred = torch.ones_like(health, dtype=torch.long) if self.tau is None else is_unhealthy(health, self.tau).long()
         if self.m_max is not None:
             m = r.divergence_max(s.end_step)[0]  # (B, Cm) or (B, 1)
             q = quantile_level(m, self.m_max.to(m.device), *s.quantile_range)
@@ -282,25 +311,39 @@ class AnoFPDMInferer(Inferer):
             health=th.health,
         )
 
-    def run(self, inputs: torch.Tensor, network: nn.Module, need_maps: bool = True) -> ForwardProcessResult:
+    def run(
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        need_maps: bool = True,
+        noise_keys: Sequence[int] | torch.Tensor | None = None,
+    ) -> ForwardProcessResult:
         """The forward process with the network in eval mode (its mode is restored afterwards)."""
         was_training = getattr(network, "training", False)
         if hasattr(network, "eval"):
             network.eval()
         try:
-            return self.forward_process(inputs, network, need_maps=need_maps)
+            return self.forward_process(inputs, network, need_maps=need_maps, noise_keys=noise_keys)
         finally:
             if was_training:
                 network.train()
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> AnoFPDMOutput:  # type: ignore[override]
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        *args: Any,
+        noise_keys: Sequence[int] | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> AnoFPDMOutput:
         """AnoFPDM on a batch of slices.
 
         Args:
             inputs: (B, C, H, W) slices in [-1, 1].
             network: the class-conditioned epsilon network.
+            noise_keys: (B,) the slices' noise keys (:meth:`noise_keys`); None: their positions in the batch.
 
         Returns:
             :class:`AnoFPDMOutput`.
         """
-        return self.postprocess(self.run(inputs, network))
+        return self.postprocess(self.run(inputs, network, noise_keys=noise_keys))

@@ -31,6 +31,8 @@ from ..networks.unet import HEALTHY, NULL
 from ..postprocessing import binarize_map
 from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_SCALE
+from .forward_process import plain_tensor
+from .noise import draw_noise, resolve_noise_keys, slice_generators, slice_noise_keys
 from .reconstruction import ddim_decode, ddim_encode, ddpm_decode, reconstruction_grid
 
 __all__ = [
@@ -78,8 +80,12 @@ class ReconstructionInferer(Inferer):
         threshold: map threshold (tuned on validation data); None gives maps only (empty masks).
         median_kernel: median filter size; min_component_size: components of at most this size are removed.
         schedule: diffusion schedule (default: linear, T = 1000).
-        seed: seed of the noise (AnoDDPM).
+        seed: seed of the noise (AnoDDPM), drawn per slice from (seed, case, slice) keys as AnoFPDM's
+            (:mod:`~anofpdm_monai.inferers.noise`; ``noise_keys`` of the call, else the batch positions); None: the
+            global RNG.
         autocast_dtype: e.g. ``torch.bfloat16`` on GPU.
+
+    The network gets plain tensors (a ``MetaTensor`` input is used without its metadata).
     """
 
     def __init__(
@@ -123,6 +129,12 @@ class ReconstructionInferer(Inferer):
         self.seed = seed
         self.autocast_dtype = autocast_dtype
 
+    def noise_keys(
+        self, case_ids: str | Sequence[str] | None, slice_indices: Sequence[int] | torch.Tensor
+    ) -> list[int] | None:
+        """The noise keys of slices with this inferer's seed (as :meth:`AnoFPDMInferer.noise_keys`)."""
+        return slice_noise_keys(self.seed, case_ids, slice_indices)
+
     @torch.no_grad()
     def invert(self, inputs: torch.Tensor, network: nn.Module) -> torch.Tensor:
         """The DDIM inversion of ``inputs`` to the noise level with the null label (the DDIM methods; the same for
@@ -130,20 +142,27 @@ class ReconstructionInferer(Inferer):
         if self.method == "anoddpm":
             raise ValueError("anoddpm noises its input; it has no DDIM inversion")
         grid = reconstruction_grid(self.noise_level, self.num_steps)
-        return ddim_encode(network, inputs.float(), self.schedule, grid, label=NULL, autocast_dtype=self.autocast_dtype)
+        x0 = plain_tensor(inputs).float()
+        return ddim_encode(network, x0, self.schedule, grid, label=NULL, autocast_dtype=self.autocast_dtype)
 
     @torch.no_grad()
     def reconstruct(
-        self, inputs: torch.Tensor, network: nn.Module, inverted: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        inverted: torch.Tensor | None = None,
+        noise_keys: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The reconstruction of ``inputs`` (B, C, H, W) in [-1, 1]; ``inverted``: their :meth:`invert` when
-        already computed."""
+        already computed; ``noise_keys``: the slices' noise keys (AnoDDPM; :meth:`noise_keys`)."""
         grid = reconstruction_grid(self.noise_level, self.num_steps)
-        x0 = inputs.float()
+        x0 = plain_tensor(inputs).float()
         amp = self.autocast_dtype
         if self.method == "anoddpm":
-            gen = None if self.seed is None else torch.Generator(device=x0.device).manual_seed(int(self.seed))
-            noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+            gen = None
+            if self.seed is not None or noise_keys is not None:
+                gen = slice_generators(resolve_noise_keys(self.seed, x0.shape[0], noise_keys), x0.device)
+            noise = draw_noise(x0.shape, gen, x0.device, x0.dtype)
             x_t = self.schedule.q_sample(x0, grid[-1], noise)
             return ddpm_decode(network, x_t, self.schedule, grid, label=NULL, generator=gen, autocast_dtype=amp)
         x_t = self.invert(x0, network) if inverted is None else inverted
@@ -171,14 +190,21 @@ class ReconstructionInferer(Inferer):
         return diff.mean(dim=1)
 
     def __call__(  # type: ignore[override]
-        self, inputs: torch.Tensor, network: nn.Module, *args: Any, inverted: torch.Tensor | None = None, **kwargs: Any
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        *args: Any,
+        inverted: torch.Tensor | None = None,
+        noise_keys: Sequence[int] | torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> BaselineOutput:
+        inputs = plain_tensor(inputs)
         modules = [m for m in (network, self.classifier) if m is not None]
         was_training = [getattr(m, "training", False) for m in modules]
         for m in modules:
             m.eval()
         try:
-            recon = self.reconstruct(inputs, network, inverted)
+            recon = self.reconstruct(inputs, network, inverted, noise_keys)
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
@@ -219,7 +245,8 @@ class IntensityInferer(Inferer):
     def __call__(
         self, inputs: torch.Tensor, network: nn.Module | None = None, *args: Any, **kwargs: Any
     ) -> BaselineOutput:  # type: ignore[override]
-        x = inputs.float()[:, self.channel]
+        """The maps of ``inputs``; other arguments (``noise_keys``, ...) are accepted and unused."""
+        x = plain_tensor(inputs).float()[:, self.channel]
         amap = (x + 1.0) / 2.0 if self.polarity == "bright" else torch.where(x > -1.0 + 1e-3, (1.0 - x) / 2.0, 0.0)
         return _finish(amap, self.threshold, self.median_kernel, self.min_component_size, None)
 

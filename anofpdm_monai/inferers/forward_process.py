@@ -18,13 +18,22 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from monai.utils import convert_to_tensor
 from tqdm.auto import tqdm
 
 from ..networks.unet import HEALTHY, NULL
 from ..schedule import NoiseSchedule, classifier_free_guidance, make_step_grid
 from ..settings import DIVERGENCES, FORWARD_MODES, REFERENCES, check_choice
+from .noise import Generators, draw_noise
 
-__all__ = ["ForwardProcessResult", "run_forward_process"]
+__all__ = ["ForwardProcessResult", "run_forward_process", "plain_tensor"]
+
+
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a plain ``torch.Tensor`` (a MONAI ``MetaTensor`` without its metadata, sharing its memory): every op
+    on a ``MetaTensor`` pays for the metadata handling of ``__torch_function__``, which the network and the forward
+    process do not need (the caller keeps the ``MetaTensor`` for ``Invertd`` and the writers)."""
+    return x if type(x) is torch.Tensor else convert_to_tensor(x, track_meta=False)
 
 
 @dataclass
@@ -110,7 +119,7 @@ def run_forward_process(
     divergence: str = "v2",
     clip: bool = True,
     need_maps: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     baseline_curve: torch.Tensor | None = None,
@@ -129,7 +138,9 @@ def run_forward_process(
         divergence: ``"v2"`` or ``"v1"``.
         clip: clip x0 predictions to [-1, 1].
         need_maps: accumulate the anomaly maps (calibration only needs the curves).
-        generator: random generator for the forward noise.
+        generator: the forward noise's random generator for the whole batch, or one generator per slice (each
+            slice's noise then comes from its own generator: :mod:`~anofpdm_monai.inferers.noise`); None: the
+            global RNG.
         autocast_dtype: run the network under ``torch.autocast`` with this dtype (e.g. bf16 on GPU); all other
             arithmetic stays in float32 with float64 schedule coefficients.
         progress: show a progress bar over the steps.
@@ -141,6 +152,7 @@ def run_forward_process(
     """
     check_choice("forward", forward, FORWARD_MODES)
     check_choice("reference", reference, REFERENCES)
+    x0 = plain_tensor(x0)
     check_choice("divergence", divergence, DIVERGENCES)
     grid = make_step_grid(timesteps=timesteps, num_train_timesteps=schedule.num_train_timesteps)
     ws = torch.as_tensor(guidance_scales, dtype=torch.float32, device=x0.device).reshape(-1)
@@ -192,8 +204,7 @@ def run_forward_process(
     prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (clipped x0 of null, eps of null) at the previous step
     for k, t in enumerate(tqdm(grid, desc="forward process", leave=False, disable=not progress)):
         if forward == "ddpm" or prev is None:
-            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-            x_t = schedule.q_sample(x0, t, noise)
+            x_t = schedule.q_sample(x0, t, draw_noise(x0.shape, generator, device, x0.dtype))
         else:
             x_t = schedule.ddim_move(prev[0], prev[1], t)
         t_batch = torch.full((2 * B,), t, device=device, dtype=torch.long)

@@ -15,6 +15,8 @@ import torch
 
 from ..networks.unet import HEALTHY, NULL
 from ..schedule import NoiseSchedule, classifier_free_guidance
+from .forward_process import plain_tensor
+from .noise import Generators, draw_noise
 
 __all__ = [
     "reconstruction_grid",
@@ -110,7 +112,7 @@ def ddim_encode(
     """Deterministic DDIM inversion of clean images ``x0`` up to ``grid[-1]``: each move uses the prediction at the
     current step (``x_{t_{k+1}} = sqrt(abar) x0hat + sqrt(1 - abar) eps(x_{t_k}, t_k)``), starting from x0 at
     ``grid[0]`` treated as step 0."""
-    x = x0.float()
+    x = plain_tensor(x0).float()
     for t, t_next in zip(grid[:-1], grid[1:]):
         eps = guided_eps(network, x, t, label, None, autocast_dtype)
         x0_hat = schedule.predict_x0(x, t, eps, clip=clip)
@@ -149,7 +151,7 @@ def ddim_decode(
             eps, x, t, schedule, classifier, classifier_scale, classifier_label, autocast_dtype
         )
 
-    x = x_t.float()
+    x = plain_tensor(x_t).float()
     steps = list(reversed(grid))
     x0_hat = x
     for t, t_prev in zip(steps[:-1], steps[1:]):
@@ -169,20 +171,17 @@ def ddpm_decode(
     label: int = NULL,
     guidance_scale: float | None = None,
     clip: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling from step ``grid[-1]`` down the grid (respaced when the grid skips steps; every
-    step when it is ``0..t``), with the "fixed small" posterior variance; returns the final x0."""
-    x = x_t.float()
+    step when it is ``0..t``), with the "fixed small" posterior variance; returns the final x0. ``generator``: one
+    for the batch, or one per slice (:func:`~anofpdm_monai.inferers.noise.draw_noise`)."""
+    x = plain_tensor(x_t).float()
     steps = list(reversed(grid)) + [-1]
     for t, t_prev in zip(steps[:-1], steps[1:]):
         eps = guided_eps(network, x, t, label, guidance_scale, autocast_dtype)
         x0_hat = schedule.predict_x0(x, t, eps, clip=clip)
         mean, std = schedule.ddpm_posterior(x0_hat, x, t, t_prev)
-        if t_prev < 0:
-            x = mean
-        else:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + std * noise
+        x = mean if t_prev < 0 else mean + std * draw_noise(x.shape, generator, x.device, x.dtype)
     return x
