@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -454,3 +455,89 @@ def test_from_datalist(tmp_path):
         SliceDataset.from_datalist(
             datalist, root, "training", tmp_path / "cache", PARAMS, progress=False, require_labels=True
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parallel builds and bounded open files
+# ---------------------------------------------------------------------------------------------------------------
+def _cached_arrays(cache: SliceCache, case_ids) -> dict:
+    return {(c, k): np.array(v) for c in case_ids for k, v in cache.arrays(c).items()}
+
+
+def test_thread_pool_build_equals_serial_build(tmp_path, monkeypatch, count_preprocessing):
+    # cases of different shapes: a transform keeping per-call state (SquarePad's size) shared by the threads could
+    # pad one case to another's size, so each thread has a preprocessor of its own (checked below; the race itself
+    # is too narrow to reproduce reliably)
+    entries = _synthetic_cases(tmp_path / "data", lesions=(1, 0, 2, 1), labelled=(True,) * 4)
+    for i, shape in enumerate([(30, 18, 12), (14, 26, 16), (22, 22, 10), (12, 30, 14)]):
+        e = make_case(
+            phantom_anatomy(shape, spacing=8.0), tmp_path / "data", f"shape{i}", modalities=MODALITIES, seed=i
+        )
+        entries.append(_absolute(e, tmp_path / "data"))
+    serial = SliceCache(tmp_path / "serial", PARAMS)
+    table = serial.build(entries, progress=False, num_workers=1)
+    assert sorted(count_preprocessing) == sorted(e["id"] for e in entries)
+    count_preprocessing.clear()
+    pooled = SliceCache(tmp_path / "pooled", PARAMS)
+    counting = VolumePreprocessor.__call__
+    users: dict[int, set[int]] = {}
+
+    def recording(self, entry):
+        users.setdefault(id(self), set()).add(threading.get_ident())
+        return counting(self, entry)
+
+    monkeypatch.setattr(VolumePreprocessor, "__call__", recording)
+    pd.testing.assert_frame_equal(pooled.build(entries, progress=False, num_workers=4), table)
+    assert id(pooled.preprocessor) not in users and all(len(threads) == 1 for threads in users.values())
+    assert sorted(count_preprocessing) == sorted(e["id"] for e in entries)  # each case once
+    ids = [e["id"] for e in entries]
+    a, b = _cached_arrays(serial, ids), _cached_arrays(pooled, ids)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def test_thread_pool_build_reports_failures_like_a_serial_one(tmp_path):
+    entries = _synthetic_cases(tmp_path / "data", lesions=(1, 1, 0, 1), labelled=(True,) * 4)
+    _break(entries[1], "garbage")
+    _break(entries[3], "missing")
+    cache = SliceCache(tmp_path / "cache", PARAMS)
+    with pytest.raises(CacheBuildError) as info:
+        cache.build(entries, progress=False, num_workers=3)
+    assert list(info.value.failures) == ["case1", "case3"]  # in datalist order, whichever thread finished first
+    assert cache.is_current(entries[0]) and cache.is_current(entries[2])
+
+
+def test_unexpected_error_in_a_worker_thread_propagates(tmp_path, monkeypatch):
+    entries = _synthetic_cases(tmp_path / "data")
+
+    def bug(self, entry):
+        raise AssertionError(f"a bug while preprocessing {entry['id']}")
+
+    monkeypatch.setattr(VolumePreprocessor, "__call__", bug)
+    with pytest.raises(AssertionError, match="a bug while preprocessing"):
+        SliceCache(tmp_path / "cache", PARAMS).build(entries, progress=False, num_workers=2)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_open_memory_maps_are_bounded(tmp_path):
+    entries = _synthetic_cases(tmp_path / "data", lesions=(1, 0, 1, 1, 0), labelled=(True,) * 5)
+    SliceCache(tmp_path / "cache", PARAMS).build(entries, progress=False)
+    cache = SliceCache(tmp_path / "cache", PARAMS, max_open_cases=2)
+    ds = SliceDataset(cache, cache.table([e["id"] for e in entries]))
+    before = _open_fds()
+    reference = [ds[i]["image"].clone() for i in range(len(ds))]
+    assert len(cache._arrays) == 2
+    assert _open_fds() - before <= 3 * 2  # three maps per open case, whatever the number of cases
+    for i in reversed(range(len(ds))):  # reopened on use, same content
+        np.testing.assert_array_equal(ds[i]["image"].numpy(), reference[i].numpy())
+    cases = list(dict.fromkeys(ds.table["case_id"]))
+    assert list(cache._arrays) == [cases[1], cases[0]]  # the two most recently used, the latest last
+    with pytest.raises(ValueError, match="max_open_cases"):
+        SliceCache(tmp_path / "cache", PARAMS, max_open_cases=0)
+    clone = pickle.loads(pickle.dumps(cache))  # as DataLoader workers under 'spawn' get it
+    assert clone.max_open_cases == 2 and not clone._arrays
+    np.testing.assert_array_equal(clone.arrays(cases[4])["image"], cache.arrays(cases[4])["image"])

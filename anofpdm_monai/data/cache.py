@@ -5,17 +5,25 @@ case, ``image.npy`` (N, C, S, S) float16, ``label.npy`` and ``brain.npy`` (N, S,
 The cache folder is keyed by a digest of the preprocessing parameters, and each case records the size and
 modification time of its source files: a case is rebuilt only when its parameters or its files change.
 :class:`SliceDataset` serves random slices from the cache (memory-mapped, so worker processes share pages).
+
+Cases are preprocessed by a pool of threads (``num_workers``) and, under ``torchrun``, shared out among the ranks,
+each building its own cases, so that every case is built once. At most ``max_open_cases`` cases keep their memory
+maps (one file descriptor each) open, so a dataset of thousands of volumes stays within the open-file limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +38,14 @@ from .datalist import load_datalist
 from .preprocessing import SLICE_TABLE_COLUMNS, SliceArrays, VolumePreprocessor
 from .transforms import CaseError
 
-__all__ = ["SliceCache", "SliceDataset", "CacheBuildError"]
+__all__ = ["SliceCache", "SliceDataset", "CacheBuildError", "default_num_workers"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: in-plane resampling to square pixels (IsotropicInPlaned)
+#: cases whose memory maps stay open at once (3 file descriptors each), per SliceCache object and process
+DEFAULT_MAX_OPEN_CASES = 32
+_ARRAY_NAMES = ("image", "label", "brain")
 
 
 class CacheBuildError(RuntimeError):
@@ -65,6 +76,17 @@ def _fingerprint(entry: Mapping[str, Any]) -> list[list[Any]]:
     return out
 
 
+def default_num_workers() -> int:
+    """Threads that preprocess cases at once: this process's share of its CPUs (divided among the local ranks of
+    ``torchrun``), at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(8, cpus // local_ranks))
+
+
 def _safe_case_dir_name(case_id: str) -> str:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in case_id)
     if safe != case_id or not safe:
@@ -78,16 +100,26 @@ class SliceCache:
     Args:
         cache_dir: root folder of caches; this cache lives in ``cache_dir/<digest of the preprocessing>``.
         preprocessor: the preprocessing (or its parameter dict).
+        max_open_cases: cases whose memory maps :meth:`arrays` keeps open (least recently used ones are closed).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, preprocessor: VolumePreprocessor | Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        preprocessor: VolumePreprocessor | Mapping[str, Any],
+        max_open_cases: int = DEFAULT_MAX_OPEN_CASES,
+    ) -> None:
         if not isinstance(preprocessor, VolumePreprocessor):
             preprocessor = VolumePreprocessor.from_dict(preprocessor)
+        if int(max_open_cases) < 1:
+            raise ValueError(f"max_open_cases must be >= 1, got {max_open_cases}")
         self.preprocessor = preprocessor
         params = json.dumps({"format": CACHE_FORMAT_VERSION, **preprocessor.to_dict()}, sort_keys=True)
         self.digest = hashlib.sha1(params.encode()).hexdigest()[:12]
         self.root = Path(cache_dir) / self.digest
-        self._arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.max_open_cases = int(max_open_cases)
+        self._arrays: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ building
     def case_dir(self, case_id: str) -> Path:
@@ -96,9 +128,9 @@ class SliceCache:
     def is_current(self, entry: Mapping[str, Any]) -> bool:
         """Whether ``entry`` is cached with the same preprocessing and unchanged source files."""
         meta_file = self.case_dir(str(entry["id"])) / "meta.json"
-        if not meta_file.is_file():
-            return False
-        try:
+        try:  # OSError too: an id too long for the filesystem is simply not cached
+            if not meta_file.is_file():
+                return False
             meta = json.loads(meta_file.read_text())
         except (OSError, ValueError):
             return False
@@ -137,7 +169,7 @@ class SliceCache:
             if target.exists():
                 if self.is_current(entry):  # written meanwhile by another process (e.g. another DDP rank): keep it
                     shutil.rmtree(tmp, ignore_errors=True)
-                    self._arrays.pop(case_id, None)
+                    self._forget(case_id)
                     return
                 old = target.with_name(f".{target.name}.old.{os.getpid()}")
                 os.replace(target, old)
@@ -156,7 +188,7 @@ class SliceCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._arrays.pop(case_id, None)
+        self._forget(case_id)
 
     def build(
         self,
@@ -164,6 +196,8 @@ class SliceCache:
         progress: bool = True,
         on_error: str = "raise",
         description: str = "caching slices",
+        num_workers: int | None = None,
+        shared: bool | None = None,
     ) -> pd.DataFrame:
         """Make sure every entry is cached (reusing current cases) and return their slice table.
 
@@ -176,6 +210,12 @@ class SliceCache:
             progress: show a progress bar.
             on_error: ``"raise"`` or ``"skip"``.
             description: progress bar text.
+            num_workers: threads preprocessing cases at once (None: :func:`default_num_workers`; 0 or 1: one case
+                at a time in this thread). The cached arrays do not depend on it.
+            shared: under ``torchrun``, each rank builds only its share of the cases (r, r + N, ...) and then waits
+                for the others' (a collective within ``dist_timeout``: every rank must call ``build`` with the same
+                entries, and the cache folder must be on storage every rank sees); every rank then raises (or
+                skips) the failures of all ranks. Default: whenever a process group of several ranks exists.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -183,22 +223,79 @@ class SliceCache:
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"duplicate case ids in the datalist: {dup[:5]}")
-        failures: dict[str, str] = {}
-        todo = [e for e in entries if not self.is_current(e)]
-        if todo:
-            bar = tqdm(todo, desc=description, unit="case", disable=not progress)
-            for entry in bar:
-                try:
-                    fingerprint = _fingerprint(entry)
-                    data = self.preprocessor(entry)
-                    self.write_case(entry, self.preprocessor.slices(data), fingerprint=fingerprint)
-                except (CaseError, ValueError, OSError, RuntimeError) as exc:
-                    failures[str(entry["id"])] = first_line(exc)
-                    logger.error("case %s failed: %s", entry["id"], failures[str(entry["id"])])
+        from ..engines.distributed import gather_objects, rank_and_world  # here: engines imports data
+
+        rank, world = rank_and_world()
+        share = world > 1 and (shared is None or bool(shared))
+        mine = list(entries)[rank::world] if share else list(entries)
+        todo = [e for e in mine if not self.is_current(e)]
+        failures = self._build_cases(todo, num_workers, progress and (rank == 0 or not share), description)
+        if share:
+            merged: dict[str, str] = {}
+            for part in gather_objects(failures):  # also the wait for the other ranks' shares
+                merged.update(part)
+            failures = {i: merged[i] for i in ids if i in merged}
+            unseen = [str(e["id"]) for e in entries if str(e["id"]) not in failures and not self.is_current(e)]
+            if unseen:
+                raise RuntimeError(
+                    f"{len(unseen)} case(s) built by other ranks are not in the slice cache {self.root} here (e.g. "
+                    f"{unseen[0]}): cache_dir must be on storage every rank sees"
+                )
         if failures and on_error == "raise":
             raise CacheBuildError(failures)
         good = [i for i in ids if i not in failures]
         return self.table(good)
+
+    def _build_case(self, entry: Mapping[str, Any], preprocessor: VolumePreprocessor) -> str | None:
+        """Preprocess and store one case; the one-line reason when it fails, else None."""
+        try:
+            fingerprint = _fingerprint(entry)
+            data = preprocessor(entry)
+            self.write_case(entry, preprocessor.slices(data), fingerprint=fingerprint)
+        except (CaseError, ValueError, OSError, RuntimeError) as exc:
+            reason = first_line(exc)
+            logger.error("case %s failed: %s", entry["id"], reason)
+            return reason
+        return None
+
+    def _build_cases(
+        self, todo: Sequence[Mapping[str, Any]], num_workers: int | None, progress: bool, description: str
+    ) -> dict[str, str]:
+        """Build ``todo`` with a pool of threads (preprocessing is mostly NumPy, torch and zlib, which release the
+        GIL; threads start at once and share nothing on disk: each case is written in its own temporary folder and
+        renamed into place). The failures, in the order of ``todo``."""
+        workers = default_num_workers() if num_workers is None else int(num_workers)
+        workers = max(1, min(workers, len(todo)))
+        failures: dict[str, str] = {}
+        bar = tqdm(total=len(todo), desc=description, unit="case", disable=not progress or not todo)
+        try:
+            if workers == 1:
+                for entry in todo:
+                    reason = self._build_case(entry, self.preprocessor)
+                    if reason is not None:
+                        failures[str(entry["id"])] = reason
+                    bar.update()
+            else:
+                local = threading.local()
+
+                def build_one(entry: Mapping[str, Any]) -> str | None:
+                    if not hasattr(local, "preprocessor"):  # one per thread: MONAI transforms keep per-call state
+                        local.preprocessor = dataclasses.replace(self.preprocessor)
+                    return self._build_case(entry, local.preprocessor)
+
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="slice-cache")
+                try:
+                    futures = {pool.submit(build_one, e): str(e["id"]) for e in todo}
+                    for future in as_completed(futures):
+                        reason = future.result()
+                        if reason is not None:
+                            failures[futures[future]] = reason
+                        bar.update()
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            bar.close()
+        return {str(e["id"]): failures[str(e["id"])] for e in todo if str(e["id"]) in failures}
 
     # ------------------------------------------------------------------ reading
     def table(self, case_ids: Sequence[str]) -> pd.DataFrame:
@@ -214,18 +311,38 @@ class SliceCache:
         return pd.concat(frames, ignore_index=True)
 
     def arrays(self, case_id: str) -> dict[str, np.ndarray]:
-        """Memory-mapped arrays ``image`` (N, C, S, S) float16, ``label`` and ``brain`` (N, S, S) uint8."""
-        if case_id not in self._arrays:
-            folder = self.case_dir(case_id)
-            self._arrays[case_id] = {
-                k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in ("image", "label", "brain")
-            }
-        return self._arrays[case_id]
+        """Memory-mapped arrays ``image`` (N, C, S, S) float16, ``label`` and ``brain`` (N, S, S) uint8.
+
+        The maps of the ``max_open_cases`` most recently used cases stay open; an older case's are dropped (their
+        file descriptors close once no array taken from them is left) and reopened when used again."""
+        with self._lock:
+            arrays = self._arrays.get(case_id)
+            if arrays is not None:
+                self._arrays.move_to_end(case_id)
+                return arrays
+        folder = self.case_dir(case_id)
+        arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in _ARRAY_NAMES}
+        with self._lock:
+            self._arrays[case_id] = arrays
+            self._arrays.move_to_end(case_id)
+            while len(self._arrays) > self.max_open_cases:
+                self._arrays.popitem(last=False)
+        return arrays
+
+    def _forget(self, case_id: str) -> None:
+        with self._lock:
+            self._arrays.pop(case_id, None)
 
     def __getstate__(self) -> dict[str, Any]:  # memory maps are reopened in each worker process
         state = dict(self.__dict__)
-        state["_arrays"] = {}
+        state["_arrays"] = OrderedDict()
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("max_open_cases", DEFAULT_MAX_OPEN_CASES)
+        self._lock = threading.Lock()
 
 
 class SliceDataset(Dataset):
@@ -263,6 +380,7 @@ class SliceDataset(Dataset):
         progress: bool = True,
         on_error: str = "raise",
         require_labels: bool = False,
+        num_workers: int | None = None,
     ) -> SliceDataset:
         """Build (or reuse) the cache for a datalist split and serve its slices.
 
@@ -276,6 +394,8 @@ class SliceDataset(Dataset):
             progress: progress bar while caching.
             on_error: what to do with cases that fail preprocessing (see :meth:`SliceCache.build`).
             require_labels: raise if a case has no label (training needs slice labels).
+            num_workers: threads preprocessing cases into the cache (see :meth:`SliceCache.build`; under ``torchrun``
+                the ranks share the cases out).
         """
         splits = [split] if isinstance(split, str) else list(split)
         dl = load_datalist(datalist, dataset_dir=dataset_dir, splits=splits)
@@ -288,7 +408,13 @@ class SliceDataset(Dataset):
             missing = [e["id"] for e in entries if not e.get("label")]
             if missing:
                 raise ValueError(f"cases without a label in split(s) {splits}: {missing[:5]} (slice labels needed)")
-        table = cache.build(entries, progress=progress, on_error=on_error, description=f"caching {'+'.join(splits)}")
+        table = cache.build(
+            entries,
+            progress=progress,
+            on_error=on_error,
+            description=f"caching {'+'.join(splits)}",
+            num_workers=num_workers,
+        )
         return cls(cache, table, transform=transform)
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..calibration import Calibration, collect_statistics, make_calibration
-from ..engines.distributed import barrier, rank_and_world, shard_cases
+from ..engines.distributed import barrier, claim, rank_and_world, run_on_rank0
 from ..inferers.anofpdm import AnoFPDMInferer
 from ..inferers.baselines import (
     DEFAULT_CLASSIFIER_SCALE,
@@ -35,6 +35,7 @@ from ..inferers.baselines import (
     IntensityInferer,
     ReconstructionInferer,
 )
+from ..inferers.noise import slice_noise_keys
 from ..io import atomic_path, write_text
 from ..metrics import PooledAUPRC, aggregate_over_seeds, dice_per_slice, iou_per_slice, segmentation_metrics
 from ..schedule import NoiseSchedule
@@ -71,7 +72,9 @@ class Evaluator:
         intensity_polarity: ``"bright"`` (lesions hyperintense, e.g. FLAIR) or ``"dark"`` (e.g. T1w stroke).
         median_kernel, min_component_size: the post-processing of every method (default: the calibration's, else
             5 and 40).
-        batch_size, device, amp, progress: execution.
+        precision: numeric mode of every method's network calls (``"fp32"``, ``"bf16"``, ``"fp16"``); None: the
+            calibration's, else the settings'. A calibration made at another precision is refused.
+        batch_size, device, progress: execution.
         figure_slices: number of example slices in the overlay figure.
         tuning_objective: what the pixel-label tuning maximises on the validation split, ``"pooled"`` (default),
             ``"unhealthy"`` or ``"mixed"`` (see :func:`tune_threshold`).
@@ -103,7 +106,7 @@ class Evaluator:
         min_component_size: int | None = None,
         batch_size: int = 64,
         device: torch.device | str = "cpu",
-        amp: bool = False,
+        precision: str | None = None,
         progress: bool = True,
         figure_slices: int = 6,
         tuning_objective: str = "pooled",
@@ -151,6 +154,12 @@ class Evaluator:
         self.num_steps = num_steps
         self.guidance_scales = [float(w) for w in guidance_scales]
         base = calibration.settings if calibration is not None else (settings or AnoFPDMSettings())
+        if precision is not None and calibration is not None and precision != base.precision:
+            raise ValueError(
+                f"precision {precision!r} differs from the calibration's {base.precision!r}: calibrate at "
+                f"{precision!r} (calibrate.json --precision {precision}) or leave precision unset"
+            )
+        base = base.replace(precision=precision)
         # one post-processing for every method: the given values, else the calibration's (or the settings')
         self.settings = base.replace(median_kernel=median_kernel or None, min_component_size=min_component_size)
         self.median_kernel = self.settings.median_kernel
@@ -158,7 +167,7 @@ class Evaluator:
         self.schedule = schedule or NoiseSchedule()
         self.store = ResultStore(self.output_dir)
         self.batch_size = int(batch_size)
-        self.autocast = torch.bfloat16 if (amp and self.device.type == "cuda") else None
+        self.autocast = self.settings.autocast_dtype  # of the baselines; AnoFPDM's comes with its settings
         self.progress = progress
         self.figure_slices = int(figure_slices)
 
@@ -202,7 +211,6 @@ class Evaluator:
             map_channels=self.map_channels,
             scheduler=self.schedule,
             seed=self.seeds[0],
-            autocast_dtype=self.autocast,
         )
         ws = sorted({float(c["guidance_scale"]) for c in given.candidates}) if given else self.guidance_scales
         tolerance = given.tolerance if given else DEFAULT_TOLERANCE
@@ -264,10 +272,17 @@ class Evaluator:
     def _save_tuning(self, state: Mapping[str, Any]) -> None:
         write_text(self.output_dir / "tuning.json", json.dumps(state, indent=2))
 
+    @staticmethod
+    def _noise_keys(inferer: Any, batch: Mapping[str, Any]) -> list[int] | None:
+        """The per-slice noise keys of a slice batch (seed, case, slice) for an inferer with a seed."""
+        seed = getattr(inferer, "seed", None)
+        return slice_noise_keys(seed, batch["case_id"], batch["slice_index"])
+
     def _val_maps(self, inferer: Any) -> np.ndarray:
         maps = []
         for batch in tqdm(self._batches(self.val), desc="validation", leave=False, disable=not self.progress):
-            out = inferer(batch["image"].to(self.device), self.network)
+            keys = self._noise_keys(inferer, batch)
+            out = inferer(batch["image"].to(self.device), self.network, noise_keys=keys)
             maps.append(out.filtered_map.float().cpu().numpy())
         return np.concatenate(maps)
 
@@ -350,7 +365,6 @@ class Evaluator:
             seed=seed,
             median_kernel=self.median_kernel,
             min_component_size=self.min_component_size,
-            autocast_dtype=self.autocast,
             **overrides,
         )
 
@@ -386,9 +400,10 @@ class Evaluator:
             cases.setdefault(case, []).append(i)
         return cases
 
-    def _my_cases(self) -> list[tuple[str, list[int]]]:
-        """This rank's test cases and their slice indices (all of them in one process)."""
-        return shard_cases(list(self._case_indices().items()))
+    def _my_cases(self) -> Iterator[tuple[str, list[int]]]:
+        """This rank's test cases and their slice indices, dealt out on demand among the ranks (:func:`claim`: a
+        rank whose cases are already stored takes more of the others'); all of them in one process."""
+        return claim(list(self._case_indices().items()), "evaluation test cases")
 
     def _run_anofpdm_group(self, forward: str, members: list[str], seed: int, tuning: Mapping[str, Any]) -> None:
         cal = self.anofpdm_calibration(forward)
@@ -421,7 +436,10 @@ class Evaluator:
                 continue
             chunks: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in todo}
             for batch in self._batches(self.test, idx):
-                result = base.forward_process(batch["image"].to(self.device), self.network, need_maps=True)
+                keys = self._noise_keys(base, batch)
+                result = base.forward_process(
+                    batch["image"].to(self.device), self.network, need_maps=True, noise_keys=keys
+                )
                 for m in todo:
                     out = post[m].postprocess(result)
                     chunks[m].append(
@@ -466,7 +484,8 @@ class Evaluator:
                 continue
             parts = []
             for batch in self._batches(self.test, idx):
-                out = inferer(batch["image"].to(self.device), self.network)
+                keys = self._noise_keys(inferer, batch)
+                out = inferer(batch["image"].to(self.device), self.network, noise_keys=keys)
                 parts.append((out.filtered_map.cpu().numpy(), out.mask.cpu().numpy(), out.pred_label.cpu().numpy()))
             maps, masks, pred = (np.concatenate(p) for p in zip(*parts))
             self.store.save(
@@ -491,18 +510,16 @@ class Evaluator:
     def run(self) -> dict[str, Any] | None:
         """Tune, run every method on the test cases and report.
 
-        Under ``torchrun``, rank 0 tunes and calibrates (validation split) while the others wait; then every rank
-        runs its shard of the test cases into the shared result store, and rank 0 writes the report of all cases
-        (the other ranks return None). The table equals the single-process one: each case's results do not
-        depend on which rank made them.
+        Under ``torchrun``, rank 0 tunes and calibrates (validation split) while the others wait; then the ranks
+        share the test cases out (on demand) into the shared result store, and rank 0 writes the report of all
+        cases while the others wait (they return None). The table equals the single-process one: each case's
+        results do not depend on which rank made them.
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rank, _ = rank_and_world()
-        if rank == 0:
-            tuning = self.tune()
-            for forward in self._forwards():
-                self.anofpdm_calibration(forward)
-        barrier()
+        # rank 0's solo work is waited for outside any collective (a barrier is aborted after dist_timeout, and
+        # tuning on a large validation split takes longer): the others poll rank 0's heartbeat in the store
+        tuning = run_on_rank0(self._tune_and_calibrate, "tuning and calibration on the validation split")
         if rank != 0:
             tuning = self.tune()  # read back what rank 0 wrote (nothing left to compute)
         for seed in self.seeds:
@@ -515,8 +532,14 @@ class Evaluator:
             for method in self.methods:
                 if method not in ANOFPDM_METHODS and seed in self._seeds(method):
                     self._run_baseline(method, seed, tuning)
-        barrier()
-        return self.report(tuning) if rank == 0 else None
+        barrier()  # the cases were dealt out on demand: the ranks arrive here within about one case's time
+        return run_on_rank0(lambda: self.report(tuning), "the evaluation report")
+
+    def _tune_and_calibrate(self) -> dict[str, Any]:
+        tuning = self.tune()
+        for forward in self._forwards():
+            self.anofpdm_calibration(forward)
+        return tuning
 
     def _picks(self, gt: Mapping[str, np.ndarray], y: np.ndarray) -> tuple[list[int], list[int]]:
         """Example slices: the largest lesion of each case first (then more), one healthy slice; and for the

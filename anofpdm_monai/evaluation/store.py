@@ -11,14 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from ..inferers.noise import NOISE_SCHEME
 from ..io import save_npz
 
 __all__ = ["ResultStore", "fingerprint"]
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
-    """Canonical JSON of the settings a stored result was made with (compared on reuse)."""
-    return json.dumps(settings, sort_keys=True, default=str)
+    """Canonical JSON of the settings a stored result was made with, and of the forward-noise scheme (compared on
+    reuse: results drawn with another noise derivation are recomputed)."""
+    return json.dumps({**settings, "noise_scheme": NOISE_SCHEME}, sort_keys=True, default=str)
 
 
 class ResultStore:
@@ -49,10 +51,51 @@ class ResultStore:
         save_npz(self.path(method, seed, case), settings=np.asarray(settings), **arrays)
 
     def load(self, method: str, seed: int, cases: list[str]) -> dict[str, np.ndarray]:
-        """The results of ``cases`` concatenated in that order (without the per-file ``settings``/``timesteps``)."""
-        parts = [np.load(self.path(method, seed, case)) for case in cases]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files if k not in ("timesteps", "settings")}
+        """The results of ``cases`` concatenated in that order (without the per-file ``settings``/``timesteps``).
+
+        One file is open at a time (a store of thousands of cases would exhaust the open-file limit otherwise): the
+        shapes are read from the files' headers first, then each file's arrays are copied into their place, so the
+        memory needed is the result plus one case."""
+        if not cases:
+            raise ValueError("no cases to load")
+        layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        lengths = []
+        for case in cases:
+            with np.load(self.path(method, seed, case)) as stored:
+                heads = {k: _header(stored, k) for k in stored.files if k not in ("timesteps", "settings")}
+            if not layout:
+                layout = {k: (shape[1:], dtype) for k, (shape, dtype) in heads.items()}
+            elif heads.keys() != layout.keys():
+                raise ValueError(f"{self.path(method, seed, case)} holds {sorted(heads)}, the first {sorted(layout)}")
+            counts = {shape[0] for shape, _ in heads.values()}
+            if len(counts) != 1:
+                raise ValueError(f"{self.path(method, seed, case)}: arrays of different lengths {sorted(counts)}")
+            lengths.append(counts.pop())
+        total, out = int(sum(lengths)), {}
+        for k, (tail, dtype) in layout.items():
+            out[k] = np.empty((total, *tail), dtype=dtype)
+        start = 0
+        for case, n in zip(cases, lengths):
+            with np.load(self.path(method, seed, case)) as stored:
+                for k in layout:
+                    out[k][start : start + n] = stored[k]
+            start += n
+        return out
 
     def timesteps(self, method: str, seed: int, case: str) -> np.ndarray:
         with np.load(self.path(method, seed, case)) as stored:
             return stored["timesteps"]
+
+
+def _header(npz: Any, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an open ``.npz``, read from its ``.npy`` header (no data read)."""
+    with npz.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:  # a newer header layout: read the array itself
+            array = npz[key]
+            shape, dtype = array.shape, array.dtype
+    return tuple(int(d) for d in shape), np.dtype(dtype)
