@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .schedule import make_step_grid
 
 __all__ = [
@@ -27,7 +29,9 @@ __all__ = [
     "AGGREGATIONS",
     "HEALTH_SCORES",
     "DIVERGENCE_BASELINES",
+    "PRECISIONS",
     "CALIBRATED_FIELDS",
+    "autocast_dtype",
     "check_choice",
     "check_guidance_scale",
 ]
@@ -49,6 +53,9 @@ HEALTH_SCORES = ("cosine", "mse_gap", "divergence")
 #: what M_t is measured against before t_e and M are taken: "none" (the papers) or "healthy" (step by step, the
 #: calibration's median M_t of healthy slices; docs/method.md §3.6)
 DIVERGENCE_BASELINES = ("none", "healthy")
+#: numeric mode of the network calls of the forward process: "fp32" (the official code's), or autocast to "bf16" /
+#: "fp16" (CUDA; bf16 also on the CPU). The statistics, maps and thresholds are computed in fp32/fp64 in every mode.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 #: the options calibrated constants depend on: a calibration is refused for a setting that differs in one of them
 CALIBRATED_FIELDS = (
@@ -60,7 +67,14 @@ CALIBRATED_FIELDS = (
     "clip",
     "health_score",
     "divergence_baseline",
+    "precision",
 )
+
+
+def autocast_dtype(precision: str) -> Any:
+    """The ``torch.autocast`` dtype of a :data:`PRECISIONS` name (None for fp32: no autocast)."""
+    check_choice("precision", precision, PRECISIONS)
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
@@ -72,6 +86,19 @@ def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
     if isinstance(value, bool) or not math.isfinite(w) or w <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return w
+
+
+def _integer(name: str, value: Any) -> int:
+    """``value`` as an int; a one-line ``ValueError`` naming ``name`` unless it is a whole number (an int, a float
+    such as 4.0, or a string such as "4"; not a bool)."""
+    try:
+        out = int(value)
+        whole = not isinstance(value, bool) and float(value) == out
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return out
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -106,6 +133,10 @@ class AnoFPDMSettings:
             where the slice departs most from healthy slices rather than where every slice's M_t is largest. The
             curve is a calibrated constant (image labels only). Not the default: on real MRI it helped one fold's
             maps and hurt two others' (docs/real_study.md, ablation 1).
+        precision: numeric mode of the network calls, one of :data:`PRECISIONS`: ``"fp32"`` (the default and the
+            official code's) or autocast to ``"bf16"``/``"fp16"``. A calibration is made at one precision and
+            inference refuses another (M_max and tau move with it); fp32 stays the default until a GPU measurement
+            on a trained model shows bf16 masks agree with fp32 ones (docs/performance.md).
     """
 
     t_max: int = 599
@@ -122,13 +153,16 @@ class AnoFPDMSettings:
     clip: bool = True
     health_score: str = "mse_gap"  # measured: docs/real_study.md (the papers' cosine was at or below chance there)
     divergence_baseline: str = "none"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise types once, here
-        set_(self, "t_max", int(self.t_max))
-        set_(self, "stride", int(self.stride))
+        set_(self, "t_max", _integer("t_max", self.t_max))
+        set_(self, "stride", _integer("stride", self.stride))
         if self.timesteps is not None:  # an explicit grid: t_max and stride describe it, so equal grids compare equal
-            set_(self, "timesteps", tuple(int(t) for t in self.timesteps))
+            if isinstance(self.timesteps, (str, bytes)) or not hasattr(self.timesteps, "__iter__"):
+                raise ValueError(f"timesteps must be a list of integers, got {self.timesteps!r}")
+            set_(self, "timesteps", tuple(_integer("timesteps", t) for t in self.timesteps))
             if self.timesteps:
                 set_(self, "t_max", self.timesteps[-1])
                 set_(self, "stride", 1)
@@ -139,6 +173,7 @@ class AnoFPDMSettings:
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("health_score", self.health_score, HEALTH_SCORES)
         check_choice("divergence_baseline", self.divergence_baseline, DIVERGENCE_BASELINES)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.divergence_baseline == "healthy" and self.health_score == "divergence":
             # the calibration pass scores the slices before the baseline exists; the score would differ at inference
             raise ValueError("health_score 'divergence' cannot be combined with divergence_baseline 'healthy'")
@@ -146,15 +181,22 @@ class AnoFPDMSettings:
         if len(q) != 2 or not all(math.isfinite(v) for v in q) or not 0.0 <= q[0] <= q[1] <= 1.0:
             raise ValueError(f"quantile_range must be (a, b) with 0 <= a <= b <= 1, got {list(self.quantile_range)}")
         set_(self, "quantile_range", q)
-        if int(self.median_kernel) < 1:
+        if _integer("median_kernel", self.median_kernel) < 1:
             raise ValueError(f"median_kernel must be >= 1, got {self.median_kernel}")
+        if int(self.median_kernel) % 2 == 0:  # the filter is centred on each pixel (MONAI's median_filter)
+            raise ValueError(f"median_kernel must be odd, got {self.median_kernel}")
         set_(self, "median_kernel", int(self.median_kernel))
-        if int(self.min_component_size) < 0:
+        if _integer("min_component_size", self.min_component_size) < 0:
             raise ValueError(f"min_component_size must be >= 0, got {self.min_component_size}")
         set_(self, "min_component_size", int(self.min_component_size))
         set_(self, "clip", bool(self.clip))
         # the grid itself is checked against T when it is resolved (grid()); the stride and t_max here
         make_step_grid(self.t_max, self.stride, self.timesteps, num_train_timesteps=max(self.t_max + 1, 10**9))
+
+    @property
+    def autocast_dtype(self) -> Any:
+        """The ``torch.autocast`` dtype of :attr:`precision` (None for fp32)."""
+        return autocast_dtype(self.precision)
 
     # ------------------------------------------------------------------ grid
     def grid(self, num_train_timesteps: int = 1000) -> list[int]:

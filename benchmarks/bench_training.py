@@ -2,8 +2,10 @@
 
 One step is exactly what the bundle's ``SupervisedTrainer`` does per iteration: the classifier-free prepare-batch
 (timesteps, noise, null-label dropout), the class-conditioned inferer (``scheduler.add_noise`` + network), the MSE
-loss, backward and an AdamW step; on CUDA under AMP (fp16 autocast + GradScaler, as ``amp=True`` in the bundle) and
-with SDPA attention. The figure is the median over the timed iterations after warm-up.
+loss, backward and an AdamW step; on CUDA under AMP (bf16 autocast with MONAI's GradScaler, as ``amp=True`` with
+``amp_kwargs={"dtype": torch.bfloat16}`` in the bundle, the dtype benchmarks/gpu_check.py measures) and with SDPA
+attention.
+The figure is the median over the timed iterations after warm-up.
 
 Usage::
 
@@ -89,7 +91,7 @@ def bench(
     def step() -> float:
         images, target, args, kwargs = prepare(batch, device=device, non_blocking=cuda)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", enabled=cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             loss = loss_fn(inferer(images, net, *args, **kwargs), target)
         if scaler is not None:
             scaler.scale(loss).backward()

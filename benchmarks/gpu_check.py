@@ -422,8 +422,8 @@ def part_inferer(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[
             counted(torch.cat([x0] * (n // B)), torch.full((n,), 10, device=device), torch.full((n,), 2, device=device))
     runs: dict[str, dict[str, Any]] = {}
 
-    def ours(name: str, grid: list[int], dtype: torch.dtype | None, network: Any = counted, tf32: bool = True) -> None:
-        inferer = AnoFPDMInferer(guidance_scale=2.0, map_channels=MAP_CHANNELS, timesteps=grid, autocast_dtype=dtype)
+    def ours(name: str, grid: list[int], precision: str, network: Any = counted, tf32: bool = True) -> None:
+        inferer = AnoFPDMInferer(guidance_scale=2.0, map_channels=MAP_CHANNELS, timesteps=grid, precision=precision)
         allow = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
@@ -444,10 +444,10 @@ def part_inferer(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[
             "peak": _peak_gib(device),
         }
 
-    amp = torch.bfloat16 if (cuda and plan.autocast) else None
+    amp = "bf16" if (cuda and plan.autocast) else "fp32"
     ours("default", default_grid, amp)
     ours("stride1", stride_grid, amp)
-    ours("default_fp32", default_grid, None, tf32=False)
+    ours("default_fp32", default_grid, "fp32", tf32=False)
     # the official call pattern over a shorter grid, scaled per step to the stride-1 range (it visits every step)
     counted.reset()
     _sync(device)
@@ -476,7 +476,7 @@ def part_inferer(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[
 
     rows = []
     unit = "GPU peak GiB" if cuda else "RSS GiB"
-    dtype_name = "bf16" if amp is not None else "fp32"
+    dtype_name = amp
 
     def row(
         item: str, time_s: float, evals: float, grid: int, peak: float, extra: dict[str, Any] | None = None
@@ -631,7 +631,7 @@ def part_volume(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[d
         settings,
         map_channels=MAP_CHANNELS,
         m_max=[1e-3, 1e-3],  # stand-in calibration: random weights
-        autocast_dtype=torch.bfloat16 if (cuda and plan.autocast) else None,
+        precision="bf16" if (cuda and plan.autocast) else "fp32",
     )
     pre = VolumePreprocessor(modalities=BRATS, image_size=plan.image_size)
     runner = VolumeInferer(counted, inferer, pre, batch_size=plan.volume_batch, device=device, progress=False)
