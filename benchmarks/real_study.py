@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,10 +64,27 @@ def record(timings_file: Path, timings: dict[str, Any], key: str, seconds: float
     write_json(timings_file, timings)
 
 
+_BRATS2013 = re.compile(r"^(?:brats_2013_pat0*(\d+)_\d+|Brats18_2013_(\d+)_\d+)$")
+
+
+def patient_of(case_id: str) -> str:
+    """The patient a case belongs to: BraTS 2013 cases are one patient across their releases (``brats_2013_pat0003_1``
+    of BraTS 2013/2015 and ``Brats18_2013_3_1`` of BraTS 2018 are patient 3 of BraTS 2013); every other id is its own
+    patient."""
+    match = _BRATS2013.match(case_id)
+    return f"brats2013_patient{int(match.group(1) or match.group(2))}" if match else case_id
+
+
 def deal_folds(ids: list[str], folds: int) -> list[list[str]]:
-    """Round-robin over the ids sorted with the BraTS 2013 cases last, so that each fold mixes sources."""
-    order = sorted(ids, key=lambda c: (c.startswith("brats_2013"), c))
-    return [order[k::folds] for k in range(folds)]
+    """Folds by patient: patients are dealt round-robin, sorted by source (case-id prefix, so that each fold mixes
+    sources) then id; all cases of one patient go to one fold."""
+    by_patient: dict[str, list[str]] = {}
+    for case in sorted(ids):
+        by_patient.setdefault(patient_of(case), []).append(case)
+    if folds > len(by_patient):
+        raise ValueError(f"{folds} folds for {len(by_patient)} patients: use at most {len(by_patient)} folds")
+    order = sorted(by_patient, key=lambda p: (re.split(r"[_-]", by_patient[p][0])[0].lower(), by_patient[p][0]))
+    return [sorted(c for p in order[k::folds] for c in by_patient[p]) for k in range(folds)]
 
 
 def fold_datalist(entries: list[dict[str, Any]], folds: list[list[str]], k: int, modalities: list[str]) -> dict:
@@ -74,12 +92,13 @@ def fold_datalist(entries: list[dict[str, Any]], folds: list[list[str]], k: int,
     trains."""
     test = set(folds[k])
     calibration = folds[(k + 1) % len(folds)][-1]
+    same_patient = {c for f in folds for c in f if patient_of(c) == patient_of(calibration)}
     by_id = {e["id"]: e for e in entries}
     return {
         "name": f"shared-data real study, fold {k}",
         "description": f"{len(folds)}-fold by volume; test = fold {k}, calibration volume {calibration}",
         "modalities": modalities,
-        "training": [by_id[i] for i in sorted(by_id) if i not in test and i != calibration],
+        "training": [by_id[i] for i in sorted(by_id) if i not in test and i not in same_patient],
         "validation": [by_id[calibration]],
         "test": [by_id[i] for i in sorted(test)],
     }
@@ -107,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "kfold")
-    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--folds", type=int, default=5, help="folds by patient")
     parser.add_argument("--only-folds", type=int, nargs="+", default=None, help="run these folds only")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--modalities", nargs="+", default=["flair"], help="input channels (maps on the first)")
@@ -121,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--flip-prob", type=float, default=0.5, help="left-right flip augmentation")
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--conditioning", default="class_embed", help="how the label reaches the network (train.json conditioning)"
+    )
     parser.add_argument("--train-max-timestep", type=int, default=600, help="0: all T steps")
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--ema-warmup-iters", type=int, default=100)
@@ -190,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=str(fold_dir / "model"),
                 image_size=args.image_size,
                 network_size=args.network_size,
+                conditioning=args.conditioning,
                 dropout=args.dropout,
                 batch_size=args.batch_size,
                 learning_rate=args.learning_rate,

@@ -69,3 +69,25 @@ def test_the_training_budget_is_the_folds_total(tmp_path, monkeypatch):
     assert real_study.main([*base, "--train-minutes", "5"]) == 0
     assert len(calls) == 2
     assert calls[1]["time_limit"] == pytest.approx(300 - spent - 120.0, abs=1.0)
+
+
+def test_folds_are_by_patient_and_the_calibration_patient_is_not_trained_on():
+    """``brats_2013_pat0003_1`` (BraTS 2013/2015) and ``Brats18_2013_3_1`` (BraTS 2018) are one patient: one fold,
+    and never one in training while the other calibrates or tests."""
+    assert real_study.patient_of("brats_2013_pat0003_1") == real_study.patient_of("Brats18_2013_3_1")
+    assert real_study.patient_of("Brats18_2013_11_1") != real_study.patient_of("brats_2013_pat0003_1")
+    assert real_study.patient_of("BraTS2021_00006") == "BraTS2021_00006"
+    ids = ["brats_2013_pat0003_1", "Brats18_2013_3_1", "brats_2013_pat0004_1", "Brats18_CBICA_ABM_1"]
+    ids += ["Brats18_TCIA01_201_1", "BraTS2021_00006", "TCGA-DU-7294", "BraTS-MET-00110-000"]
+    folds = real_study.deal_folds(ids, 5)
+    assert sorted(c for f in folds for c in f) == sorted(ids)
+    (home,) = [f for f in folds if "Brats18_2013_3_1" in f]
+    assert "brats_2013_pat0003_1" in home
+    entries = [{"id": i, "image": [f"{i}.nii.gz"], "label": f"{i}_seg.nii.gz"} for i in ids]
+    for k in range(5):
+        datalist = real_study.fold_datalist(entries, folds, k, ["flair"])
+        held = {e["id"] for e in datalist["test"] + datalist["validation"]}
+        trained = {real_study.patient_of(e["id"]) for e in datalist["training"]}
+        assert not trained & {real_study.patient_of(i) for i in held}, k
+    with pytest.raises(ValueError, match="patients"):
+        real_study.deal_folds(["Brats18_2013_3_1", "brats_2013_pat0003_1"], 2)
