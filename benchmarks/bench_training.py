@@ -5,13 +5,15 @@ One step is exactly what the bundle's ``SupervisedTrainer`` does per iteration: 
 loss, backward and an AdamW step; on CUDA under AMP (bf16 autocast with MONAI's GradScaler, as ``amp=True`` with
 ``amp_kwargs={"dtype": torch.bfloat16}`` in the bundle, the dtype benchmarks/gpu_check.py measures) and with SDPA
 attention.
-The figure is the median over the timed iterations after warm-up.
+The figure is the median over the timed iterations after warm-up. ``--conditioning`` times each conditioning mode
+(default ``class_embed`` and ``official``) side by side; a forward-only (``no_grad``) pass per mode is timed too.
 
 Usage::
 
     python benchmarks/bench_training.py                      # CPU (2 threads), and CUDA when available
     python benchmarks/bench_training.py --device cuda --iters 50
     python benchmarks/bench_training.py --sizes small --resolutions 64 --json out.json
+    python benchmarks/bench_training.py --sizes small --resolutions 32 --conditioning class_embed official
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monai.networks.schedulers import DDPMScheduler  # noqa: E402
 
 from anofpdm_monai.engines import ClassConditionedDiffusionInferer, ClassifierFreePrepareBatch  # noqa: E402
-from anofpdm_monai.networks import build_diffusion_unet  # noqa: E402
+from anofpdm_monai.networks import CONDITIONING_MODES, build_diffusion_unet  # noqa: E402
 
 
 def _cpu_name() -> str:
@@ -48,7 +50,7 @@ def _cpu_name() -> str:
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, AMP fp16"
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, AMP bf16"
     return f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32"
 
 
@@ -66,15 +68,19 @@ def bench(
     iters: int = 10,
     warmup: int = 2,
     max_seconds: float | None = None,
+    conditioning: str = "class_embed",
 ) -> dict[str, Any]:
-    """Time ``iters`` training steps (after ``warmup``) of the ``size`` network at ``resolution``.
+    """Time ``iters`` training steps (after ``warmup``) of the ``size`` network at ``resolution``, then as many
+    forward-only passes (the inferer's noising + network under ``no_grad``, eval mode, one prepared batch).
 
     Returns:
-        dict with the configuration, the per-step times (s), the median step time and slices/s.
+        dict with the configuration, the per-step times (s), the median step time and slices/s, and the median
+        forward-only time and slices/s.
     """
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    net = build_diffusion_unet(channels, size, use_flash_attention=cuda).to(device).train()
+    net = build_diffusion_unet(channels, size, conditioning=conditioning, use_flash_attention=cuda)
+    net = net.to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=0.02)
     inferer = ClassConditionedDiffusionInferer(scheduler)
@@ -116,8 +122,22 @@ def bench(
     if not torch.isfinite(torch.tensor(loss)):
         raise RuntimeError(f"non-finite loss for {size} at {resolution}")
     median = statistics.median(times)
+
+    net.eval()
+    images, _, args, kwargs = prepare(batch, device=device, non_blocking=cuda)
+    forward_times: list[float] = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        for i in range(warmup + len(times)):
+            _sync(device)
+            start = time.perf_counter()
+            inferer(images, net, *args, **kwargs)
+            _sync(device)
+            if i >= warmup:
+                forward_times.append(time.perf_counter() - start)
+    forward_median = statistics.median(forward_times)
     result = {
         "size": size,
+        "conditioning": conditioning,
         "resolution": resolution,
         "batch_size": batch_size,
         "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
@@ -127,6 +147,8 @@ def bench(
         "median_step_s": median,
         "best_step_s": min(times),
         "slices_per_s": batch_size / median,
+        "forward_median_s": forward_median,
+        "forward_slices_per_s": batch_size / forward_median,
     }
     if cuda:
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -147,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-seconds", type=float, default=240.0, help="stop timing a configuration after this long (CPU)"
     )
+    parser.add_argument(
+        "--conditioning",
+        nargs="+",
+        choices=CONDITIONING_MODES,
+        default=["class_embed", "official"],
+        help="conditioning modes, timed side by side",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -163,28 +192,31 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         print(f"device: {device} - {describe(device)}", flush=True)
         print(
-            f"{'size':>6} {'res':>4} {'batch':>5} {'params':>8} {'iters':>5} {'median step (s)':>15} "
-            f"{'best step (s)':>13} {'slices/s':>9}"
+            f"{'size':>6} {'res':>4} {'conditioning':>15} {'batch':>5} {'params':>8} {'iters':>5} "
+            f"{'median step (s)':>15} {'best step (s)':>13} {'slices/s':>9} {'fwd slices/s':>12}"
         )
         for size in args.sizes:
             for res in args.resolutions:
-                cpu = device.type == "cpu"
-                r = bench(
-                    size,
-                    res,
-                    device,
-                    batch_size=args.batch_size,
-                    iters=args.iters if cpu else args.cuda_iters,
-                    warmup=args.warmup if cpu else max(args.warmup, 5),
-                    max_seconds=args.max_seconds if cpu else None,
-                )
-                r["device_name"] = describe(device)
-                results.append(r)
-                print(
-                    f"{size:>6} {res:>4} {r['batch_size']:>5} {r['params_m']:>7.1f}M {r['timed_iters']:>5} "
-                    f"{r['median_step_s']:>15.3f} {r['best_step_s']:>13.3f} {r['slices_per_s']:>9.2f}",
-                    flush=True,
-                )
+                for mode in args.conditioning:
+                    cpu = device.type == "cpu"
+                    r = bench(
+                        size,
+                        res,
+                        device,
+                        batch_size=args.batch_size,
+                        iters=args.iters if cpu else args.cuda_iters,
+                        warmup=args.warmup if cpu else max(args.warmup, 5),
+                        max_seconds=args.max_seconds if cpu else None,
+                        conditioning=mode,
+                    )
+                    r["device_name"] = describe(device)
+                    results.append(r)
+                    print(
+                        f"{size:>6} {res:>4} {mode:>15} {r['batch_size']:>5} {r['params_m']:>7.1f}M "
+                        f"{r['timed_iters']:>5} {r['median_step_s']:>15.3f} {r['best_step_s']:>13.3f} "
+                        f"{r['slices_per_s']:>9.2f} {r['forward_slices_per_s']:>12.2f}",
+                        flush=True,
+                    )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -28,6 +28,7 @@ from ..data.datalist import write_datalist
 from ..data.synthetic import make_dataset, template_anatomy
 from ..io import OutputPathError, ensure_writable_dir
 from ..metrics import dice_per_slice
+from ..networks.unet import CONDITIONING_MODES
 from ..postprocessing import scaled_min_component_size
 from ..settings import AnoFPDMSettings
 from ..visualize import save_demo_figure
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=32, help="model resolution (32 keeps the demo CPU-cheap)")
     parser.add_argument("--template_mm", type=int, default=3, help="voxel size of the MNI template subjects")
     parser.add_argument("--network_size", default="small")
-    parser.add_argument("--conditioning", default="class_embed", choices=["class_embed", "cross_attention"])
+    parser.add_argument("--conditioning", default="class_embed", choices=list(CONDITIONING_MODES))
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--t_max", type=int, default=300, help="last step of AnoFPDM's grid (official: 599)")
     parser.add_argument("--stride", type=int, default=20, help="step-grid stride of AnoFPDM")

@@ -30,6 +30,8 @@ from .unet import (
     NUM_CLASS_EMBEDS,
     UNHEALTHY,
     AnoFPDMUNet,
+    LabelTokenAttentionBlock,
+    ScaleShiftResnetBlock,
     build_diffusion_unet,
 )
 
@@ -58,5 +60,7 @@ __all__ = [
     "NUM_CLASS_EMBEDS",
     "UNHEALTHY",
     "AnoFPDMUNet",
+    "LabelTokenAttentionBlock",
+    "ScaleShiftResnetBlock",
     "build_diffusion_unet",
 ]
