@@ -40,8 +40,9 @@ def quantile_level(
     ``q = reverse(linspace(a, b, 101))[idx] = b - idx (b - a) / 100``: a strong divergence (ratio near 1) gives a low
     quantile (a larger mask), a weak one a high quantile.
 
-    The official code computes ``int(round(ratio, 2) * 100)`` in float32, which truncates e.g. 0.29 to index 28;
-    here the index is the nearest integer as the algorithm states.
+    The official code computes ``(torch.round(ratio, decimals=2) * 100).to(torch.int64)`` in float32, which truncates
+    e.g. 0.53 to index 52 (0.53 * 100 is 52.999996 in float32); here the index is the nearest integer as the
+    algorithm states.
 
     Args:
         divergence_max: M = max_t M_t, any shape.

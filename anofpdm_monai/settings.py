@@ -30,7 +30,11 @@ __all__ = [
     "HEALTH_SCORES",
     "DIVERGENCE_BASELINES",
     "PRECISIONS",
+    "INVERSION_EPS",
+    "INVERSION_TIMINGS",
+    "DEFAULT_HEALTH_SCORE",
     "CALIBRATED_FIELDS",
+    "PRESETS",
     "autocast_dtype",
     "check_choice",
     "check_guidance_scale",
@@ -48,14 +52,23 @@ REFERENCES = ("null", "healthy")
 DIVERGENCES = ("v2", "v1")
 END_STEPS = ("per_modality", "joint")
 AGGREGATIONS = ("mean", "last")
-#: slice health scores (anofpdm_monai/inferers/health.py); "cosine" is the papers'
+#: slice health scores (anofpdm_monai/inferers/health.py); "cosine" is the papers' and the official code's
 HEALTH_SCORES = ("cosine", "mse_gap", "divergence")
+#: the default health score (measured: docs/real_study.md, the papers' cosine was at or below chance there)
+DEFAULT_HEALTH_SCORE = "mse_gap"
 #: what M_t is measured against before t_e and M are taken: "none" (the papers) or "healthy" (step by step, the
 #: calibration's median M_t of healthy slices; docs/method.md §3.6)
 DIVERGENCE_BASELINES = ("none", "healthy")
 #: numeric mode of the network calls of the forward process: "fp32" (the official code's), or autocast to "bf16" /
 #: "fp16" (CUDA; bf16 also on the CPU). The statistics, maps and thresholds are computed in fp32/fp64 in every mode.
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: the noise of a DDIM inversion step: "raw" (the null prediction itself) or "clipped" (re-derived from the clipped x0
+#: prediction, as guided-diffusion's ``ddim_reverse_sample`` in the official code)
+INVERSION_EPS = ("raw", "clipped")
+#: when the DDIM inversion calls the network: "aligned" (the move to t_k reuses the null prediction of step t_{k-1};
+#: the predictions at t_k see a state at noise level t_k) or "official" (the official loop: an extra null call on the
+#: previous state at t_k, moved to level t_k + 1; the predictions at t_k then see a state one level ahead)
+INVERSION_TIMINGS = ("aligned", "official")
 
 #: the options calibrated constants depend on: a calibration is refused for a setting that differs in one of them
 CALIBRATED_FIELDS = (
@@ -68,7 +81,51 @@ CALIBRATED_FIELDS = (
     "health_score",
     "divergence_baseline",
     "precision",
+    "inversion_eps",
+    "inversion_timing",
+    "calibration_subset",
+    "calibration_subset_seed",
+    "fixed_guidance_scale",
 )
+
+#: named settings (:meth:`AnoFPDMSettings.preset`): the project defaults, and the official code's algorithm
+#: (github SoloChe/AnoFPDM: scripts/translation_FPDM.py, scripts/obtain_hyperpara.py,
+#: guided_diffusion/gaussian_diffusion.py, config/run_translation_{brats,ATLAS}_fpdm.sh) per dataset; docs/method.md
+#: "Project default vs official code"
+_OFFICIAL = {
+    "t_max": 599,  # forward_steps=600: t = 0..599
+    "stride": 1,
+    "timesteps": None,
+    "forward": "ddim",  # d_reverse=True
+    "reference": "healthy",  # the "null" x0 of calc_pred_xstart_loop is the healthy-conditional one (w=-1)
+    "divergence": "v2",
+    "end_step": "per_modality",
+    "end_step_inclusive": False,  # mse[t_s:t_e] excludes t_e
+    "clip": True,
+    "health_score": "cosine",
+    "divergence_baseline": "none",
+    "precision": "fp32",
+    "inversion_eps": "clipped",
+    "inversion_timing": "official",
+    "calibration_subset_seed": 0,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # --w 2; --num_batches_val 10 --batch_size_val 50; --last_only False
+    "official_brats": {
+        **_OFFICIAL,
+        "aggregation": "mean",
+        "calibration_subset": 500,
+        "fixed_guidance_scale": 2.0,
+    },
+    # w=30; --num_batches_val 10 --batch_size_val 100; --last_only True
+    "official_atlas": {
+        **_OFFICIAL,
+        "aggregation": "last",
+        "calibration_subset": 1000,
+        "fixed_guidance_scale": 30.0,
+    },
+}
 
 
 def autocast_dtype(precision: str) -> Any:
@@ -119,7 +176,12 @@ class AnoFPDMSettings:
         reference: ``"null"`` (paper) or ``"healthy"`` (official code: e_h with w = 0).
         divergence: ``"v2"`` (extended paper, official code) or ``"v1"`` (conference paper).
         end_step: ``"per_modality"`` (official code) or ``"joint"`` (paper eq. 6).
-        aggregation: ``"mean"`` of S_t over t <= t_e, or ``"last"`` (S_{t_e} only, the ablation).
+        aggregation: ``"mean"`` of S_t over the steps up to t_e, or ``"last"`` (the last of those steps alone: the
+            official ATLAS setting, ``--last_only True``).
+        end_step_inclusive: whether the steps the map is made of end AT t_e (True, the default) or just before it
+            (False, the official code: ``mse[t_s:t_e]``, so ``"mean"`` averages the grid steps before t_e and
+            ``"last"`` takes the grid step before t_e). When t_e is the first grid step there is no step before it
+            (the official code's map is then NaN); both aggregations then take S at that first step.
         quantile_range: (a, b) of the Algorithm 1 threshold quantile.
         median_kernel: median filter size of the map.
         min_component_size: mask components of at most this many pixels are removed (40 px at 128 x 128; scale it
@@ -137,6 +199,30 @@ class AnoFPDMSettings:
             official code's) or autocast to ``"bf16"``/``"fp16"``. A calibration is made at one precision and
             inference refuses another (M_max and tau move with it); fp32 stays the default until a GPU measurement
             on a trained model shows bf16 masks agree with fp32 ones (docs/performance.md).
+        inversion_eps: the noise of each DDIM inversion step (``forward="ddim"``), one of :data:`INVERSION_EPS`:
+            ``"raw"`` (the default: the null prediction e_n itself) or ``"clipped"`` (the official code:
+            ``eps' = (x_t - sqrt(abar_t) x0_c) / sqrt(1 - abar_t)`` from the clipped x0 prediction x0_c). They differ
+            only where the x0 prediction is clipped.
+        inversion_timing: when the DDIM inversion calls the network, one of :data:`INVERSION_TIMINGS`: ``"aligned"``
+            (the default: the move to t_k reuses the null prediction of step t_{k-1}, no extra call) or
+            ``"official"`` (the official ``calc_pred_xstart_loop``: at every step after the first, a null call on the
+            previous state at step t_k, moved to level t_k + 1, so the predictions at t_k see a state one level
+            ahead; one more network call of B slices per step).
+        calibration_subset: calibrate on a seeded random subset of this many validation slices (healthy and
+            unhealthy alike, drawn from all of them; M_max, tau and w* all come from the subset), as the official
+            code does (10 batches of 50 slices for BraTS, of 100 for ATLAS); None (the default): every validation
+            slice. The official batches are independent draws, so a slice can occur in two of them; here the subset
+            is drawn without replacement.
+        calibration_subset_seed: seed of that subset (``numpy.random.default_rng``).
+        fixed_guidance_scale: calibrate this w alone (no search over candidates: the official code fixes w, 2 for
+            BraTS and 30 for ATLAS); None (the default): w* is chosen among the calibration's candidates.
+
+    Presets (:meth:`preset`): ``"default"`` (the fields above), ``"official_brats"`` and ``"official_atlas"``
+    (``preset("official", dataset="brats")``): the official code's algorithm, reference ``"healthy"``, the end step
+    excluded, ``"mean"`` (BraTS) or ``"last"`` (ATLAS) aggregation, the grid 0..599 with stride 1, fp32, cosine
+    health score, eps re-derived from the clipped x0 with the official inversion timing, M_max and tau from a seeded
+    subset of 500 (BraTS) or 1000 (ATLAS) validation slices, and w fixed to 2 (BraTS) or 30 (ATLAS). Each deviation
+    of the defaults from it is a row of docs/method.md "Project default vs official code".
     """
 
     t_max: int = 599
@@ -151,9 +237,15 @@ class AnoFPDMSettings:
     median_kernel: int = 5
     min_component_size: int = 40
     clip: bool = True
-    health_score: str = "mse_gap"  # measured: docs/real_study.md (the papers' cosine was at or below chance there)
+    health_score: str = DEFAULT_HEALTH_SCORE
     divergence_baseline: str = "none"
     precision: str = "fp32"
+    end_step_inclusive: bool = True
+    inversion_eps: str = "raw"
+    inversion_timing: str = "aligned"
+    calibration_subset: int | None = None
+    calibration_subset_seed: int = 0
+    fixed_guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise types once, here
@@ -174,6 +266,19 @@ class AnoFPDMSettings:
         check_choice("health_score", self.health_score, HEALTH_SCORES)
         check_choice("divergence_baseline", self.divergence_baseline, DIVERGENCE_BASELINES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("inversion_eps", self.inversion_eps, INVERSION_EPS)
+        check_choice("inversion_timing", self.inversion_timing, INVERSION_TIMINGS)
+        if not isinstance(self.end_step_inclusive, bool):
+            raise ValueError(f"end_step_inclusive must be true or false, got {self.end_step_inclusive!r}")
+        if self.calibration_subset is not None:
+            set_(self, "calibration_subset", _integer("calibration_subset", self.calibration_subset))
+            if self.calibration_subset < 2:  # a healthy and an unhealthy slice at the very least
+                raise ValueError(f"calibration_subset must be >= 2 (null: all), got {self.calibration_subset}")
+        set_(self, "calibration_subset_seed", _integer("calibration_subset_seed", self.calibration_subset_seed))
+        if self.calibration_subset_seed < 0:
+            raise ValueError(f"calibration_subset_seed must be >= 0, got {self.calibration_subset_seed}")
+        if self.fixed_guidance_scale is not None:
+            set_(self, "fixed_guidance_scale", check_guidance_scale(self.fixed_guidance_scale, "fixed_guidance_scale"))
         if self.divergence_baseline == "healthy" and self.health_score == "divergence":
             # the calibration pass scores the slices before the baseline exists; the score would differ at inference
             raise ValueError("health_score 'divergence' cannot be combined with divergence_baseline 'healthy'")
@@ -209,6 +314,21 @@ class AnoFPDMSettings:
         return dataclasses.replace(self, timesteps=tuple(grid), t_max=grid[-1], stride=1)
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def preset(cls, name: str | None = "default", dataset: str | None = None) -> AnoFPDMSettings:
+        """The settings of a named preset of :data:`PRESETS`: ``"default"`` (None too), ``"official_brats"``,
+        ``"official_atlas"``, or ``"official"`` with ``dataset="brats"`` / ``"atlas"`` (the bundles pass their
+        dataset, which the other presets ignore); a one-line ``ValueError`` for another name. Change single options
+        afterwards with :meth:`replace`."""
+        key = "default" if name is None else str(name)
+        if key == "official":  # the dataset picks the official variant; the other presets ignore it
+            if dataset is None:
+                raise ValueError("the preset 'official' needs dataset='brats' or 'atlas' (or name 'official_brats')")
+            key = f"official_{str(dataset).lower()}"
+        if key not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)} (or 'official' with a dataset), got {name!r}")
+        return cls(**PRESETS[key])
+
     def replace(self, **changes: Any) -> AnoFPDMSettings:
         """A copy with some options changed; ``None`` values are ignored (``"as before"``). Changing ``t_max`` or
         ``stride`` drops an explicit ``timesteps`` grid unless one is given too."""

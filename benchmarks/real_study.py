@@ -110,6 +110,20 @@ def run_bundle(workflow: str, **overrides: Any) -> None:
     run_workflow("anofpdm_brats21", workflow, **overrides)
 
 
+def calibrate_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as calibrate.json overrides (VALUE read as JSON, else as a string)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
     from anofpdm_monai.networks import load_checkpoint
 
@@ -157,6 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0], help="seeds of the stochastic methods")
     parser.add_argument("--noise-levels", type=int, nargs="+", default=[200, 400])
     parser.add_argument("--num-steps", type=int, default=20, help="sampling steps of the reconstruction baselines")
+    parser.add_argument(
+        "--preset",
+        default="default",
+        help="calibrate.json settings preset ('official': the official algorithm; --stride and --t-max still apply)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="calibrate_options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further calibrate.json options (JSON values), e.g. reference=healthy end_step_inclusive=false",
+    )
     parser.add_argument("--tag", default="", help="suffix of the calibration/evaluation folders (for ablations)")
     parser.add_argument("--device", default=None, help="cpu or cuda:0 (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -255,19 +282,24 @@ def main(argv: list[str] | None = None) -> int:
         calibration = fold_dir / f"calibration{args.tag}.json"
         if "calibrate" in args.stages and not calibration.is_file():
             t = time.time()
+            options: dict[str, Any] = {
+                "preset": args.preset,
+                "t_max": args.t_max,
+                "stride": args.stride,
+                "guidance_scales": args.guidance_scales,
+                "divergence_baseline": args.divergence_baseline,
+                "min_component_size": scaled_min_component_size(args.image_size),
+                "batch_size": 64,
+                "seed": 0,
+            }
+            options.update(calibrate_options(args.calibrate_options))  # --set wins
             run_bundle(
                 "calibrate",
                 **common,
                 checkpoint=str(checkpoint),
                 output_dir=str(fold_dir),
                 calibration_file=str(calibration),
-                t_max=args.t_max,
-                stride=args.stride,
-                guidance_scales=args.guidance_scales,
-                divergence_baseline=args.divergence_baseline,
-                min_component_size=scaled_min_component_size(args.image_size),
-                batch_size=64,
-                seed=0,
+                **options,
             )
             record(timings_file, timings, "calibrate_s", time.time() - t)
         if "evaluate" in args.stages:

@@ -176,6 +176,9 @@ def test_run_workflow_use_ema_false_uses_the_raw_weights(ema_model, tmp_path, mo
         ("inference", {"amp": True}, "unknown option --amp (replaced by --precision: fp32, bf16 or fp16)"),
         ("calibrate", {"precision": "fp64"}, "--precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp64'"),
         ("evaluate", {"precision": 16}, "--precision must be a string, got 16"),
+        ("calibrate", {"end_step_inclusive": "maybe"}, "--end_step_inclusive must be true or false, got 'maybe'"),
+        ("calibrate", {"inversion_timing": "late"}, "--inversion_timing must be one of ['aligned', 'official']"),
+        ("calibrate", {"preset": 1}, "--preset must be a string, got 1"),
     ],
 )
 def test_check_refuses_in_one_line_naming_the_option(workflow, overrides, message):

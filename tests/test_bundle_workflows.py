@@ -22,6 +22,7 @@ from anofpdm_monai.data.datalist import load_datalist, write_datalist
 from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy
 from anofpdm_monai.networks import load_network
 from anofpdm_monai.schedule import NoiseSchedule
+from anofpdm_monai.settings import AnoFPDMSettings
 
 BUNDLES = [("anofpdm_brats21", ["flair", "t1", "t1ce", "t2"]), ("anofpdm_atlas", ["t1w"])]
 # a schedule unlike the default one: every later stage must use it
@@ -137,6 +138,53 @@ def test_bundle_inference_equals_python_volume_inferer(trained):
     for case in summary["done"]:  # the provenance is the same, so either run skips the other's finished cases
         prov = [json.loads((o / case / f"{case}_provenance.json").read_text()) for o in (out_bundle, out_python)]
         assert prov[0] == prov[1]
+
+
+def test_official_preset_through_the_bundles(trained, tmp_path):
+    """``--preset official`` calibrates with the dataset's official variant (an explicit grid still wins), single
+    options change it (a command-line ``"false"`` is a flag), and inference runs with the calibration's settings."""
+    official = {"anofpdm_brats21": ("brats", "mean", 2.0), "anofpdm_atlas": ("atlas", "last", 30.0)}
+    dataset, aggregation, w = official[trained["bundle"]]
+    calibration = tmp_path / "calibration_official.json"
+    cal = _workflow(
+        trained["bundle"],
+        "calibrate",
+        "infer",
+        checkpoint=str(trained["checkpoint"]),
+        output_dir=str(tmp_path),
+        calibration_file=str(calibration),
+        guidance_scales=[1.0, 3.0],
+        device="cpu",
+        progress=False,
+        preset="official",
+        inversion_eps="raw",
+        end_step_inclusive="true",
+        **trained["common"],
+        **GRID,
+    )
+    _run(cal)
+    record = Calibration.load(calibration)
+    expected = AnoFPDMSettings.preset("official", dataset).replace(inversion_eps="raw", end_step_inclusive=True, **GRID)
+    assert record.settings == expected.with_grid(SCHEDULE["num_train_timesteps"])
+    assert record.settings.aggregation == aggregation and record.settings.reference == "healthy"
+    assert record.guidance_scale == w and [c["guidance_scale"] for c in record.candidates] == [w]
+    assert record.settings.health_score == "cosine" and record.settings.inversion_timing == "official"
+    assert record.subset == {"size": record.num_healthy + record.num_unhealthy, "of": record.subset["of"], "seed": 0}
+    wf = _workflow(
+        trained["bundle"],
+        "inference",
+        "infer",
+        checkpoint=str(trained["checkpoint"]),
+        calibration=str(calibration),
+        output_dir=str(tmp_path / "infer"),
+        device="cpu",
+        progress=False,
+        **trained["common"],
+    )
+    _run(wf)
+    assert wf.parser.get_parsed_content("settings") == record.settings
+    summary = json.loads((tmp_path / "infer" / "inference_summary.json").read_text())
+    assert len(summary["done"]) == 2 and not summary["failed"]
 
 
 def test_json_override_swaps_a_postprocessing_step(trained, tmp_path):

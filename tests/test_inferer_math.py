@@ -1012,7 +1012,8 @@ TEST_CASES_ALGORITHM_1 = [
     ("1", "1"),  # 100
     ("3", "2"),  # ratio > 1, clamped: 100
     ("2.5e-3", "2.5e-3"),  # 100
-    ("0.29", "1"),  # 29; the official float32 int(round(0.29, 2) * 100) truncates to 28
+    ("0.29", "1"),  # 29
+    ("0.53", "1"),  # 53; the official float32 (torch.round(0.53, decimals=2) * 100).to(int64) truncates to 52
     ("2.9", "10"),  # 29 again, through the division
     ("0.005", "1"),  # 0.5 -> 0 (half to even)
     ("0.015", "1"),  # 1.5 -> 2
@@ -1041,10 +1042,11 @@ def test_algorithm_1_index(m, m_max):
 
 
 def test_algorithm_1_official_truncation_documented():
-    # the official code's int(round(ratio, 2) * 100) truncates (here with Python floats: 0.29 * 100 is
-    # 28.999999999999996); we deliberately take the nearest index, 29
-    assert int(round(0.29, 2) * 100) == 28
-    assert float(quantile_level(torch.tensor(0.29, dtype=torch.float64), 1.0)) == pytest.approx(0.98 - 29 * 0.0008)
+    # the official code's (torch.round(ratio, decimals=2) * 100).to(torch.int64) truncates in float32 (0.53 * 100 is
+    # 52.999996); we deliberately take the nearest index, 53
+    ratio = torch.tensor(0.53, dtype=torch.float32)
+    assert int((torch.round(ratio, decimals=2) * 100).to(torch.int64)) == 52
+    assert float(quantile_level(torch.tensor(0.53, dtype=torch.float64), 1.0)) == pytest.approx(0.98 - 53 * 0.0008)
 
 
 def test_algorithm_1_broadcast_and_range():

@@ -40,6 +40,7 @@ __all__ = [
     "HELP_KEYS",
     "OPTION_KINDS",
     "flag",
+    "optional_flag",
     "config_defaults",
     "option_kind",
     "check",
@@ -99,6 +100,13 @@ OPTION_KINDS: dict[str, str] = {
     "health_score": "str?",
     "divergence_baseline": "str?",
     "precision": "str?",
+    "end_step_inclusive": "bool?",
+    "inversion_eps": "str?",
+    "inversion_timing": "str?",
+    "calibration_subset": "int?",
+    "calibration_subset_seed": "int?",
+    "fixed_guidance_scale": "number?",
+    "preset": "str",
     # files and folders
     "bundle_root": "path",
     "dataset_dir": "path",
@@ -162,6 +170,11 @@ def flag(value: Any, name: str) -> bool:
         if word in _FALSE:
             return False
     raise ValueError(f"--{name} must be true or false, got {value!r}")
+
+
+def optional_flag(value: Any, name: str) -> bool | None:
+    """:func:`flag`, with None kept (an option left "as the preset or calibration says")."""
+    return None if value is None else flag(value, name)
 
 
 def _top(key: str) -> str:
@@ -235,6 +248,9 @@ def _check_settings(given: Mapping[str, Any]) -> None:
 
     names = {f.name for f in dataclasses.fields(AnoFPDMSettings)}
     options = {k: v for k, v in given.items() if k in names and v is not None and not _monai_syntax(v)}
+    for key, value in options.items():  # flags from the command line are strings ("false")
+        if OPTION_KINDS.get(key, "").rstrip("?") == "bool":
+            options[key] = flag(value, key)
     grid = {k: options.pop(k) for k in ("t_max", "stride", "timesteps") if k in options}
     for part in (options, grid):
         try:

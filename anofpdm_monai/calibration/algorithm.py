@@ -4,7 +4,8 @@ From the validation slices' statistics and their healthy/unhealthy labels (no pi
 
 - ``M_max`` per map modality: the largest max_t M_t over unhealthy slices (Algorithm 1's normaliser);
 - ``tau``: over q in linspace(0.005, 0.095, 100), tau_q = the q-quantile of the healthy slices' health score c (the
-  papers' cosine by default; any score of :mod:`anofpdm_monai.inferers.health`, low = unhealthy); the first tau_q
+  settings' ``health_score``: ``mse_gap`` by default, the papers' cosine with the official preset; any score of
+  :mod:`anofpdm_monai.inferers.health`, low = unhealthy); the first tau_q
   minimising the slices inference would misclassify with it (:func:`~anofpdm_monai.inferers.health.is_unhealthy`,
   c <= tau_q is unhealthy): #(unhealthy with c > tau_q) + #(healthy with c <= tau_q);
 - the fixed guidance ``w*``: for each candidate w, the classification accuracy at its own tau; w* is the largest
@@ -13,6 +14,10 @@ From the validation slices' statistics and their healthy/unhealthy labels (no pi
   majority class plus ``CHANCE_MARGIN``, the accuracies cannot rank w (on real MRI with a small model they fell with w
   and the rule then picked the weakest guidance, whose maps were empty); w* is then the candidate nearest the
   papers' w (``DEFAULT_GUIDANCE_SCALE``), with a warning.
+
+With ``subset`` (the settings' ``calibration_subset``, as the official code), everything above is computed on a seeded
+random subset of that many validation slices, drawn from all of them without replacement; the calibration records its
+size. With a single candidate (``fixed_guidance_scale``), w* is that candidate.
 
 With ``divergence_baseline="healthy"`` (beyond the papers), M_t is first divided, step by step, by the baseline
 curve: the median M_t of the healthy validation slices at that step and w (one curve per map modality); M_max and
@@ -41,6 +46,7 @@ __all__ = [
     "CalibrationStatistics",
     "select_tau",
     "select_guidance",
+    "select_subset",
     "baseline_curve",
     "calibrate_from_statistics",
 ]
@@ -111,7 +117,7 @@ class CalibrationStatistics:
         guidance_scales: (W,).
         divergence_max: (W, N, Cm) max_t M_t per map modality.
         divergence_max_joint: (W, N) max_t of the modality-mean M_t.
-        score: (W, N) health score of each slice (the cosine of the MSE curves by default; low = unhealthy).
+        score: (W, N) health score of each slice (the settings' ``health_score``; low = unhealthy).
         labels: (N,) slice labels (0 healthy, 1 unhealthy).
         divergence: (W, N, K, Cm) the M_t curves themselves; needed only for ``divergence_baseline="healthy"``.
     """
@@ -122,6 +128,30 @@ class CalibrationStatistics:
     score: np.ndarray
     labels: np.ndarray
     divergence: np.ndarray | None = None
+
+
+def select_subset(num_slices: int, size: int | None, seed: int = 0) -> np.ndarray | None:
+    """The sorted indices of a seeded random subset of ``size`` of ``num_slices`` slices, drawn without replacement
+    with ``numpy.random.default_rng(seed)``; None (every slice) when ``size`` is None or not smaller than
+    ``num_slices``."""
+    if size is None or int(size) >= num_slices:
+        return None
+    if int(size) < 1:
+        raise CalibrationError(f"the calibration subset must hold at least one slice, got {size}")
+    rng = np.random.default_rng(int(seed))
+    return np.sort(rng.choice(num_slices, size=int(size), replace=False))
+
+
+def _take(stats: CalibrationStatistics, index: np.ndarray) -> CalibrationStatistics:
+    """The statistics of the slices ``index`` (the N axis: labels' first, the others' second)."""
+    return CalibrationStatistics(
+        guidance_scales=stats.guidance_scales,
+        divergence_max=np.asarray(stats.divergence_max)[:, index],
+        divergence_max_joint=np.asarray(stats.divergence_max_joint)[:, index],
+        score=np.asarray(stats.score)[:, index],
+        labels=np.asarray(stats.labels).reshape(-1)[index],
+        divergence=None if stats.divergence is None else np.asarray(stats.divergence)[:, index],
+    )
 
 
 def baseline_curve(curves: np.ndarray, healthy: np.ndarray) -> np.ndarray:
@@ -138,12 +168,19 @@ def calibrate_from_statistics(
     tolerance: float = DEFAULT_TOLERANCE,
     tau_levels: Sequence[float] = DEFAULT_TAU_LEVELS,
     divergence_baseline: str = "none",
+    subset: int | None = None,
+    subset_seed: int = 0,
 ) -> dict[str, Any]:
     """M_max, tau and w* from validation statistics (pure function).
 
+    ``subset``: compute them on a seeded random subset of that many slices (:func:`select_subset` with
+    ``subset_seed``); None: on every slice.
+
     Returns:
         dict with ``guidance_scale``, ``m_max`` (list per modality), ``m_max_joint``, ``tau``, ``candidates``,
-        ``num_healthy``, ``num_unhealthy``, and ``baseline_curve`` ((K, Cm) list of w*, or None).
+        ``num_healthy``, ``num_unhealthy`` (of the slices used), ``baseline_curve`` ((K, Cm) list of w*, or None)
+        and ``subset`` (``{"size", "of", "seed"}``: the slices used, of how many, and the seed; None without a
+        subset).
     """
     labels = np.asarray(stats.labels).reshape(-1)
     unknown = ~np.isin(labels, (0, 1))
@@ -154,12 +191,23 @@ def calibrate_from_statistics(
             f"{labels[where[0]].item()!r} at slice {int(where[0])}; every calibration slice needs a known label (a "
             "case without a segmentation has none)"
         )
+    num_slices = labels.size
+    index = select_subset(num_slices, subset, subset_seed)
+    subset_record = None
+    if subset is not None:
+        used = num_slices if index is None else int(index.size)
+        subset_record = {"size": used, "of": int(num_slices), "seed": int(subset_seed)}
+        if index is None:
+            logger.info("calibration subset of %d slices: all %d validation slices are used", subset, num_slices)
+        else:
+            stats, labels = _take(stats, index), labels[index]
     labels = labels.astype(np.int64)
     healthy, unhealthy = labels == 0, labels == 1
     if healthy.sum() == 0 or unhealthy.sum() == 0:
         raise CalibrationError(
             f"calibration needs healthy and unhealthy validation slices (found {int(healthy.sum())} healthy, "
-            f"{int(unhealthy.sum())} unhealthy)"
+            f"{int(unhealthy.sum())} unhealthy"
+            + (f" in the subset of {labels.size} of {num_slices} slices)" if index is not None else ")")
         )
     ws = [float(w) for w in np.asarray(stats.guidance_scales).reshape(-1)]
     relative = divergence_baseline == "healthy"
@@ -189,7 +237,18 @@ def calibrate_from_statistics(
             }
         )
     chance = float(max(healthy.mean(), unhealthy.mean()))
-    w_star = select_guidance(accuracies, tolerance, chance=chance)
+    if len(accuracies) == 1:  # a fixed w: nothing to choose
+        w_star = next(iter(accuracies))
+        if accuracies[w_star] < chance + CHANCE_MARGIN:
+            logger.warning(
+                "the slice classification at w = %g is at chance (accuracy %.3f, majority class %.3f): the health "
+                "labels of this calibration are unreliable",
+                w_star,
+                accuracies[w_star],
+                chance,
+            )
+    else:
+        w_star = select_guidance(accuracies, tolerance, chance=chance)
     chosen = next(c for c in candidates if c["guidance_scale"] == w_star)
     m_chosen = np.asarray(chosen["m_max"] + [chosen["m_max_joint"]], dtype=np.float64)
     if not bool(np.all(np.isfinite(m_chosen) & (m_chosen > 0))):
@@ -208,4 +267,5 @@ def calibrate_from_statistics(
         "num_healthy": int(healthy.sum()),
         "num_unhealthy": int(unhealthy.sum()),
         "baseline_curve": curves[w_star].tolist() if relative else None,
+        "subset": subset_record,
     }

@@ -45,7 +45,8 @@ class CalibrationInferer(Inferer):
 
     Args:
         inferer: the AnoFPDM inferer whose settings (grid, forward mode, ...) are calibrated.
-        guidance_scales: candidate w.
+        guidance_scales: candidate w; when the settings fix w (``fixed_guidance_scale``, the official preset) that
+            w alone is the candidate, whatever is given here.
 
     Called with the slices, the network and optionally their ``case_id`` (one per slice, or one for all) and
     ``slice_index`` (RAS axial indices; :class:`~anofpdm_monai.engines.SliceLabelPrepareBatch` passes both): each
@@ -55,13 +56,20 @@ class CalibrationInferer(Inferer):
 
     Returns (when called):
         dict with ``divergence_max`` (W, B, Cm), ``divergence_max_joint`` (W, B) and ``score`` (W, B), the health
-        score of the inferer's settings; with ``divergence_baseline="healthy"`` also the raw M_t curves
-        ``divergence`` (W, B, K, Cm), from which the calibration takes the healthy baseline.
+        score of the inferer's settings (``health_score``, ``mse_gap`` by default); with
+        ``divergence_baseline="healthy"`` also the raw M_t curves ``divergence`` (W, B, K, Cm), from which the
+        calibration takes the healthy baseline.
     """
 
     def __init__(self, inferer: AnoFPDMInferer, guidance_scales: Sequence[float] = DEFAULT_GUIDANCE_CANDIDATES) -> None:
         super().__init__()
         self.inferer = inferer
+        fixed = inferer.settings.fixed_guidance_scale
+        if fixed is not None:
+            given = [float(w) for w in guidance_scales]
+            if given != [fixed]:
+                logger.info("the settings fix w = %g: candidates %s not searched", fixed, given)
+            guidance_scales = [fixed]
         self.guidance_scales = [check_guidance_scale(w, "guidance_scales") for w in guidance_scales]
         if not self.guidance_scales:
             raise CalibrationError("no guidance scale candidates")
@@ -148,10 +156,10 @@ def collect_statistics(
 ) -> CalibrationStatistics:
     """One pass of network calls over the validation batches (dicts with ``image`` and ``class_label``, and
     ``case_id`` and ``slice_index`` for per-slice noise keys, as :class:`~anofpdm_monai.data.SliceDataset` gives), for
-    all candidate w at once."""
+    all candidate w at once (the settings' ``fixed_guidance_scale`` alone when they fix w)."""
     network.eval()
     stats_inferer = CalibrationInferer(inferer, guidance_scales)
-    acc = StatisticsAccumulator(guidance_scales)
+    acc = StatisticsAccumulator(stats_inferer.guidance_scales)
     for batch in tqdm(batches, desc="calibration pass", unit="batch", total=total, disable=not progress):
         x = torch.as_tensor(batch["image"]).to(device)
         ids = {"case_id": batch.get("case_id"), "slice_index": batch.get("slice_index")}
@@ -236,10 +244,16 @@ def make_calibration(
     tolerance: float = DEFAULT_TOLERANCE,
     datalist: str = "",
 ) -> Calibration:
-    """The :class:`Calibration` record of validation statistics gathered with ``inferer``'s settings."""
+    """The :class:`Calibration` record of validation statistics gathered with ``inferer``'s settings (on the seeded
+    subset of slices of its ``calibration_subset``, if set)."""
     info = dict(model_info or {})
+    s = inferer.settings
     result = calibrate_from_statistics(
-        stats, tolerance=tolerance, divergence_baseline=inferer.settings.divergence_baseline
+        stats,
+        tolerance=tolerance,
+        divergence_baseline=s.divergence_baseline,
+        subset=s.calibration_subset,
+        subset_seed=s.calibration_subset_seed,
     )
     return Calibration(
         settings=inferer.settings.with_grid(inferer.schedule.num_train_timesteps),

@@ -55,7 +55,8 @@ class Calibration:
         guidance_scale: w*.
         m_max: M_max per map modality (for ``end_step="per_modality"``).
         m_max_joint: M_max of the modality-mean divergence (for ``end_step="joint"``).
-        tau: threshold of the settings' health score (unhealthy iff score <= tau; the cosine by default).
+        tau: threshold of the settings' health score (unhealthy iff score <= tau; ``health_score``, ``mse_gap`` by
+            default; files written before that option existed used the cosine).
         map_modalities: names of the map modalities; map_channels: their channel indices.
         checkpoint_digest: digest of the checkpoint (and which weights) the statistics came from.
         preprocessing: preprocessing parameters of that checkpoint.
@@ -63,7 +64,9 @@ class Calibration:
         datalist: the datalist used (path or description) and split.
         candidates: per candidate w: accuracy, tau, m_max.
         tolerance: the w* tolerance.
-        num_healthy, num_unhealthy: validation slices used.
+        num_healthy, num_unhealthy: validation slices used (those of the subset, with one).
+        subset: with the settings' ``calibration_subset``: ``{"size": slices used, "of": validation slices, "seed":
+            its seed}``; None: every validation slice was used.
         baseline_curve: (K, Cm) the healthy slices' median M_t per grid step and map modality at w*
             (``divergence_baseline="healthy"``; None otherwise).
     """
@@ -84,6 +87,7 @@ class Calibration:
     num_healthy: int = 0
     num_unhealthy: int = 0
     baseline_curve: list[list[float]] | None = None
+    subset: dict[str, int] | None = None
     format: str = CALIBRATION_FORMAT
     created: str = ""
 
@@ -354,6 +358,14 @@ def _check_content(data: Mapping[str, Any], source: str) -> None:
     for key in ("num_healthy", "num_unhealthy"):
         if key in data and not (isinstance(data[key], int) and not isinstance(data[key], bool) and data[key] >= 0):
             raise bad(key, "an integer >= 0")
+    subset = data.get("subset")
+    if subset is not None and not (
+        isinstance(subset, Mapping)
+        and set(subset) == {"size", "of", "seed"}
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in subset.values())
+        and subset["size"] <= subset["of"]
+    ):
+        raise bad("subset", "null or {size, of, seed}: integers >= 0 with size <= of")
 
 
 def _check_grid(data: Mapping[str, Any], cal: Calibration, source: str) -> None:

@@ -44,7 +44,7 @@ class AnoFPDMOutput:
         quantile: (B, Cm) or (B, 1) Algorithm 1 levels q; threshold: (B,) the threshold on the map.
         timesteps: (K,) the step grid.
         guidance_scale: the w used.
-        health: (B,) the settings' health score (the cosine by default; low = unhealthy).
+        health: (B,) the settings' health score (``health_score``, ``mse_gap`` by default; low = unhealthy).
     """
 
     anomaly_map: torch.Tensor
@@ -89,11 +89,12 @@ class AnoFPDMInferer(Inferer):
     Args:
         settings: the AnoFPDM options (default :class:`~anofpdm_monai.settings.AnoFPDMSettings()`); single options
             may also be given as keyword arguments (``t_max=300, forward="ddpm"``), which override ``settings``.
-        guidance_scale: w.
+        guidance_scale: w; None: the settings' ``fixed_guidance_scale`` if set, else ``DEFAULT_GUIDANCE_SCALE`` (2).
         map_channels: indices of the map modalities (BraTS FLAIR and T2: ``(0, 3)``).
         m_max: calibrated M_max, one per map modality (or one value for ``end_step="joint"``); None disables
             Algorithm 1 (the threshold then comes from ``threshold``).
-        tau: calibrated threshold of the health score (cosine by default); None classifies every slice as unhealthy.
+        tau: calibrated threshold of the settings' health score (``health_score``, ``mse_gap`` by default); None
+            classifies every slice as unhealthy.
         threshold: a fixed map threshold, used only when ``m_max`` is None.
         baseline_curve: the calibrated (K, Cm) median M_t of healthy slices; required by
             ``divergence_baseline="healthy"`` (from the calibration: :meth:`from_calibration`).
@@ -113,7 +114,7 @@ class AnoFPDMInferer(Inferer):
     def __init__(
         self,
         settings: AnoFPDMSettings | None = None,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
         map_channels: Sequence[int] = (0,),
         m_max: Sequence[float] | float | None = None,
         tau: float | None = None,
@@ -132,6 +133,9 @@ class AnoFPDMInferer(Inferer):
             self.schedule = scheduler
         else:
             self.schedule = NoiseSchedule.from_scheduler(scheduler)
+        if guidance_scale is None:
+            fixed = self.settings.fixed_guidance_scale
+            guidance_scale = DEFAULT_GUIDANCE_SCALE if fixed is None else fixed
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
         self.guidance_scale = float(guidance_scale)
@@ -260,6 +264,9 @@ class AnoFPDMInferer(Inferer):
             autocast_dtype=self.autocast_dtype,
             progress=self.progress,
             baseline_curve=baseline,
+            end_inclusive=s.end_step_inclusive,
+            inversion_eps=s.inversion_eps,
+            inversion_timing=s.inversion_timing,
         )
 
     def thresholds(self, result: ForwardProcessResult, w_index: int = 0) -> SliceThresholds:

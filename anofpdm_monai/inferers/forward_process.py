@@ -1,11 +1,12 @@
 """The AnoFPDM forward process, streamed (docs/method.md §3).
 
 For a batch of slices x0 and an ascending step grid t_0 < ... < t_K, :func:`run_forward_process` noises the input
-(DDPM: fresh noise per step; DDIM: deterministic inversion reusing the null prediction of the previous step), makes
-one batched network call per step for the healthy and null labels, and streams everything AnoFPDM needs for several
-guidance scales at once: M_t curves, both MSE curves, the running argmax t_e and the sums of S_t up to it. Memory does
-not grow with the number of steps. The guided x0 prediction is linear in w before clipping, so every candidate w is
-evaluated from the same network outputs, which is what makes calibration a single pass.
+(DDPM: fresh noise per step; DDIM: deterministic inversion reusing the null prediction of the previous step, or, with
+``inversion_timing="official"``, the official code's extra null call per step), makes one batched network call per
+step for the healthy and null labels, and streams everything AnoFPDM needs for several guidance scales at once: M_t
+curves, both MSE curves, the running argmax t_e and the sums of S_t up to it. Memory does not grow with the number of
+steps. The guided x0 prediction is linear in w before clipping, so every candidate w is evaluated from the same
+network outputs, which is what makes calibration a single pass.
 
 This module is pure tensor arithmetic over a network callable: no thresholds, no post-processing, no I/O.
 """
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..networks.unet import HEALTHY, NULL
 from ..schedule import NoiseSchedule, classifier_free_guidance, make_step_grid
-from ..settings import DIVERGENCES, FORWARD_MODES, REFERENCES, check_choice
+from ..settings import DIVERGENCES, FORWARD_MODES, INVERSION_EPS, INVERSION_TIMINGS, REFERENCES, check_choice
 from .noise import Generators, draw_noise
 
 __all__ = ["ForwardProcessResult", "run_forward_process", "plain_tensor"]
@@ -48,9 +49,12 @@ class ForwardProcessResult:
         mse_reference: (B, K) the same for the reference prediction x0_ref.
         end_index: (W, B, Cm) grid index of argmax_t M_t per modality (first maximum).
         end_index_joint: (W, B) grid index of argmax_t of the modality-mean of M_t.
-        map_sum, map_last: (W, B, Cm, H, W) sum of S_t over grid steps up to the per-modality end step, and
-            S_t at that step; ``None`` when maps were not requested.
+        map_sum, map_last: (W, B, Cm, H, W) sum of S_t over the grid steps up to the per-modality end step, and
+            S_t at the last of those steps; ``None`` when maps were not requested. The steps end at t_e, or just
+            before it with ``end_inclusive=False`` (S at the first step when t_e is the first step).
         map_sum_joint, map_last_joint: the same at the joint end step.
+        map_count, map_count_joint: (W, B, Cm) the number of steps in ``map_sum`` / ``map_sum_joint``; None: the
+            end step's index + 1 (t_e included).
     """
 
     timesteps: torch.Tensor
@@ -64,6 +68,8 @@ class ForwardProcessResult:
     map_last: torch.Tensor | None = None
     map_sum_joint: torch.Tensor | None = None
     map_last_joint: torch.Tensor | None = None
+    map_count: torch.Tensor | None = None
+    map_count_joint: torch.Tensor | None = None
 
     def cosine(self, eps: float = 1e-6) -> torch.Tensor:
         """(W, B) cosine similarity of the guided and reference MSE curves over all grid steps."""
@@ -75,10 +81,14 @@ class ForwardProcessResult:
         if self.map_sum is None:
             raise ValueError("this forward process was run without maps (need_maps=False)")
         if end_step == "per_modality":
-            total, last, count = self.map_sum, self.map_last, self.end_index + 1
+            total, last = self.map_sum, self.map_last
+            count = self.end_index + 1 if self.map_count is None else self.map_count
         else:
             total, last = self.map_sum_joint, self.map_last_joint
-            count = (self.end_index_joint + 1)[..., None].expand_as(self.end_index)
+            if self.map_count_joint is None:
+                count = (self.end_index_joint + 1)[..., None].expand_as(self.end_index)
+            else:
+                count = self.map_count_joint
         if aggregation == "last":
             return last
         return total / count[..., None, None].to(total.dtype)
@@ -123,6 +133,9 @@ def run_forward_process(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     baseline_curve: torch.Tensor | None = None,
+    end_inclusive: bool = True,
+    inversion_eps: str = "raw",
+    inversion_timing: str = "aligned",
 ) -> ForwardProcessResult:
     """Run the forward process once and stream every statistic AnoFPDM needs, for several w at once.
 
@@ -146,6 +159,13 @@ def run_forward_process(
         progress: show a progress bar over the steps.
         baseline_curve: (K, Cm) positive curve; M_t of every slice is divided by it, step by step, before t_e is
             taken and stored (``divergence_baseline="healthy"``, docs/method.md §3.6). None: M_t as is.
+        end_inclusive: the maps are made of the grid steps up to t_e included (True) or of those before t_e (False,
+            the official code; S at the first step when t_e is the first step, where the official map is NaN).
+        inversion_eps: DDIM inversion noise, ``"raw"`` (e_n) or ``"clipped"`` (re-derived from the clipped x0
+            prediction: ``(x_t - sqrt(abar_t) x0_c) / sqrt(1 - abar_t)``, the official code).
+        inversion_timing: ``"aligned"`` (the move to t_k reuses the null prediction of step t_{k-1}) or
+            ``"official"`` (an extra null call on the previous state at t_k, moved to level t_k + 1, as the
+            official ``calc_pred_xstart_loop``: the predictions at t_k see a state one level ahead).
 
     Returns:
         :class:`ForwardProcessResult`.
@@ -154,6 +174,8 @@ def run_forward_process(
     check_choice("reference", reference, REFERENCES)
     x0 = plain_tensor(x0)
     check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("inversion_eps", inversion_eps, INVERSION_EPS)
+    check_choice("inversion_timing", inversion_timing, INVERSION_TIMINGS)
     grid = make_step_grid(timesteps=timesteps, num_train_timesteps=schedule.num_train_timesteps)
     ws = torch.as_tensor(guidance_scales, dtype=torch.float32, device=x0.device).reshape(-1)
     if ws.numel() == 0 or not bool(torch.isfinite(ws).all()) or bool((ws < 0).any()):
@@ -186,6 +208,8 @@ def run_forward_process(
             torch.full((B,), NULL, device=device, dtype=torch.long),
         ]
     )
+    null_labels = labels[B:]
+    rederive = inversion_eps == "clipped" and clip  # without clipping the re-derived noise is e_n itself
 
     div = torch.zeros(W, B, K, Cm, device=device)
     mse_g = torch.zeros(W, B, K, device=device)
@@ -201,19 +225,33 @@ def run_forward_process(
         snap_sum_j, snap_last_j = torch.zeros(maps_shape, device=device), torch.zeros(maps_shape, device=device)
 
     amp = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (clipped x0 of null, eps of null) at the previous step
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (clipped x0 of null, its noise) at the previous step
+    x_prev: torch.Tensor | None = None  # the previous state (inversion_timing="official")
+    sq_prev: torch.Tensor | None = None  # S_t of the previous step (end_inclusive=False)
     for k, t in enumerate(tqdm(grid, desc="forward process", leave=False, disable=not progress)):
-        if forward == "ddpm" or prev is None:
+        if forward == "ddpm" or k == 0:
             x_t = schedule.q_sample(x0, t, draw_noise(x0.shape, generator, device, x0.dtype))
-        else:
+        elif inversion_timing == "aligned":
             x_t = schedule.ddim_move(prev[0], prev[1], t)
+        else:  # guided-diffusion's ddim_reverse_sample(x_prev, t): null call at t, then the move to level t + 1
+            t_null = torch.full((B,), t, device=device, dtype=torch.long)
+            with amp:
+                e_inv = network(x_prev, timesteps=t_null, class_labels=null_labels)
+            e_inv = e_inv.float()
+            x0_inv = schedule.predict_x0(x_prev, t, e_inv, clip=clip)
+            if rederive:
+                e_inv = schedule.predict_eps(x_prev, t, x0_inv)
+            x_t = schedule.ddim_move(x0_inv, e_inv, t + 1) if t + 1 < schedule.num_train_timesteps else e_inv
         t_batch = torch.full((2 * B,), t, device=device, dtype=torch.long)
         with amp:
             eps = network(torch.cat([x_t, x_t]), timesteps=t_batch, class_labels=labels)
         eps = eps.float()
         e_h, e_n = eps[:B], eps[B:]
         x0_n = schedule.predict_x0(x_t, t, e_n, clip=clip)
-        prev = (x0_n, e_n)
+        if forward == "ddim" and inversion_timing == "aligned":
+            prev = (x0_n, schedule.predict_eps(x_t, t, x0_n) if rederive else e_n)
+        elif forward == "ddim":
+            x_prev = x_t
 
         e_h_m, e_n_m, x_t_m = e_h[:, channels], e_n[:, channels], x_t[:, channels]
         e_g = classifier_free_guidance(e_h_m[None], e_n_m[None], w_view)  # (W, B, Cm, H, W)
@@ -240,13 +278,22 @@ def run_forward_process(
         best_j = torch.where(improved_j, m_joint, best_j)
         end_index_j = torch.where(improved_j, torch.full_like(end_index_j, k), end_index_j)
         if need_maps:
-            running += sq_g
+            if end_inclusive:
+                running += sq_g
+                upto, at = running, sq_g  # the steps 0..k, and step k
+            elif k == 0:
+                upto, at = sq_g, sq_g  # no step before the first: S at the first step (the official map is NaN)
+            else:
+                upto, at = running, sq_prev  # the steps 0..k-1, and step k-1
             sel = improved[..., None, None]
-            snap_sum = torch.where(sel, running, snap_sum)
-            snap_last = torch.where(sel, sq_g, snap_last)
+            snap_sum = torch.where(sel, upto, snap_sum)
+            snap_last = torch.where(sel, at, snap_last)
             sel_j = improved_j[..., None, None, None]
-            snap_sum_j = torch.where(sel_j, running, snap_sum_j)
-            snap_last_j = torch.where(sel_j, sq_g, snap_last_j)
+            snap_sum_j = torch.where(sel_j, upto, snap_sum_j)
+            snap_last_j = torch.where(sel_j, at, snap_last_j)
+            if not end_inclusive:
+                running += sq_g
+                sq_prev = sq_g
 
     return ForwardProcessResult(
         timesteps=torch.as_tensor(grid, dtype=torch.long),
@@ -260,4 +307,14 @@ def run_forward_process(
         map_last=snap_last if need_maps else None,
         map_sum_joint=snap_sum_j if need_maps else None,
         map_last_joint=snap_last_j if need_maps else None,
+        map_count=_map_count(end_index, end_inclusive) if need_maps else None,
+        map_count_joint=_map_count(end_index_j, end_inclusive)[..., None].expand_as(end_index).clone()
+        if need_maps
+        else None,
     )
+
+
+def _map_count(end_index: torch.Tensor, inclusive: bool) -> torch.Tensor:
+    """The number of grid steps a mean map of end index ``end_index`` averages: ``k_e + 1`` with t_e included, else
+    ``k_e`` (1 at ``k_e = 0``, where the map is S at the first step)."""
+    return end_index + 1 if inclusive else end_index.clamp_min(1)

@@ -3,10 +3,11 @@
 Every score is a *healthiness*: LOW means unhealthy, and a slice is called unhealthy iff its score <= the calibrated
 threshold ``tau`` (the same rule and the same threshold search for every score, :mod:`anofpdm_monai.calibration`).
 
-- ``cosine`` (the papers): cosine similarity of the guided and reference MSE curves over the grid.
-- ``mse_gap``: minus the area between the two MSE curves relative to the area under the reference curve,
-  ``-sum_t (mse_g - mse_ref) / sum_t mse_ref``: healthy guidance moves an unhealthy slice's prediction away from the
-  input, so the gap grows.
+- ``cosine`` (the papers and the official code): cosine similarity of the guided and reference MSE curves over the
+  grid.
+- ``mse_gap`` (the default of :class:`~anofpdm_monai.settings.AnoFPDMSettings`): minus the area between the two
+  MSE curves relative to the area under the reference curve, ``-sum_t (mse_g - mse_ref) / sum_t mse_ref``: healthy
+  guidance moves an unhealthy slice's prediction away from the input, so the gap grows.
 - ``divergence``: minus the largest divergence between the guided and reference predictions relative to the
   reference MSE, ``-max_t mean_m M_t / mean_t mse_ref``.
 
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..settings import HEALTH_SCORES, check_choice
+from ..settings import DEFAULT_HEALTH_SCORE, HEALTH_SCORES, check_choice
 from .forward_process import ForwardProcessResult
 
 __all__ = ["HEALTH_SCORES", "health_score", "health_scores", "is_unhealthy"]
@@ -35,8 +36,9 @@ def is_unhealthy(score: Any, tau: float) -> Any:
     return score <= tau
 
 
-def health_score(result: ForwardProcessResult, kind: str = "cosine") -> torch.Tensor:
-    """(W, B) healthiness score of each slice for each guidance scale of ``result`` (low = unhealthy)."""
+def health_score(result: ForwardProcessResult, kind: str = DEFAULT_HEALTH_SCORE) -> torch.Tensor:
+    """(W, B) healthiness score ``kind`` of each slice for each guidance scale of ``result`` (low = unhealthy); the
+    default is the settings' default ``health_score``, ``mse_gap``."""
     check_choice("health_score", kind, HEALTH_SCORES)
     if kind == "cosine":
         return result.cosine()
