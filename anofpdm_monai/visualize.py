@@ -45,6 +45,7 @@ __all__ = [
     "save_curves",
     "save_pr_curves",
     "save_reconstruction_grid",
+    "save_sample_grid",
     "save_demo_figure",
 ]
 
@@ -705,6 +706,44 @@ def save_reconstruction_grid(
         ax.text(xc, -0.2 * per_in, names[ch], ha="center", va="bottom", fontsize=_FONT, weight="bold")
     for i in range(n):
         ax.text(-0.06 * per_in, i * (dh + sep) + dh / 2, str(i), ha="right", va="center", fontsize=_FONT_SMALL)
+    return _save_figure(fig, path, dpi, compress_level=1)
+
+
+def save_sample_grid(
+    path: PathLike,
+    samples: ArrayLike,
+    channel_names: Sequence[str] | None = None,
+    max_items: int = 8,
+    *,
+    dpi: float = 100,
+) -> Path:
+    """Training-time check of generated slices: one row per sample, one gray ``[-1, 1]`` panel per channel.
+
+    Args:
+        path: output PNG path; parent folders are created.
+        samples: ``(N, C, H, W)`` samples in ``[-1, 1]``.
+        channel_names: ``C`` names for the column headers; default ``"ch j"``.
+        max_items: show only the first ``max_items`` samples.
+        dpi: resolution of the PNG.
+
+    Raises:
+        ValueError: on a wrong shape or number of channel names.
+    """
+    x = _float(samples, "samples", 4, "(N, C, H, W)")
+    n, c, h, w = x.shape
+    if n == 0 or c == 0:
+        raise ValueError(f"`samples` must hold at least one item and one channel, got shape {tuple(x.shape)}")
+    names = _labels(channel_names, c, "channel_names") or [f"ch {j}" for j in range(c)]
+    if int(max_items) < 1:
+        raise ValueError(f"`max_items` must be >= 1, got {max_items}")
+    n = min(n, int(max_items))
+    fig = _new_figure(0.3 + 1.2 * c, 0.35 + 1.2 * n, dpi)
+    axes = fig.subplots(n, c, squeeze=False)
+    for i in range(n):
+        for j in range(c):
+            _show_image(axes[i, j], np.clip(x[i, j], -1.0, 1.0))
+            if i == 0:
+                axes[i, j].set_title(names[j], fontsize=_FONT)
     return _save_figure(fig, path, dpi, compress_level=1)
 
 

@@ -1,5 +1,5 @@
-"""One command for a GPU machine: training, resumption, the training bundle under torchrun, the inferer against the
-official call pattern, and volume inference of a real case, in one table.
+"""One command for a GPU machine: training, resumption, the shipped bundle commands, the inferer against the
+official call pattern, volume inference of a real case, and bf16 against fp32 on a trained checkpoint, in one table.
 
 Parts (each in its own try/except: a failing part is a row with status ``FAILED`` and the others still run):
 
@@ -9,24 +9,35 @@ Parts (each in its own try/except: a failing part is a row with status ``FAILED`
   slices/s, peak memory.
 - ``resume``: train N iterations, save model + optimizer + prepare-batch generator + RNG states, train M more; restore
   the saved states into a freshly built network and train M: the weights must be equal.
-- ``bundle``: ``train.json`` of the BraTS bundle with ``multi_gpu_train.json`` under
-  ``torchrun --nproc_per_node=1`` (nccl on GPU, gloo on CPU) on a small synthetic dataset.
+- ``bundle``: the shipped commands of the BraTS bundle (``python -m monai.bundle run --config_file "[dataset.json,
+  common/configs/<workflow>.json, ...]"``), each a subprocess with a time limit and its own row (ok or FAILED with
+  the exit status and the line naming the error, the whole command's wall seconds), on a small synthetic dataset,
+  every output in a temporary folder: ``train.json`` (one epoch, capped by its ``time_limit``), ``train.json`` +
+  ``multi_gpu_train.json`` under ``torchrun --standalone --nproc_per_node=1`` (nccl on GPU, gloo on CPU),
+  ``calibrate.json`` on the first checkpoint written, ``inference.json`` with that calibration, and
+  ``inference.json`` + ``multi_gpu_inference.json`` under torchrun (compared with the 1-process outputs). A failing
+  command does not stop the later ones.
 - ``inferer``: ours (``AnoFPDMInferer``) at the library's default grid and at stride 1 against the official call
   pattern re-enacted in ``bench_inferer.py`` (its functions are imported): network evaluations per slice, slices/s,
   seconds per 155-slice volume, speed-up; bf16 against fp32 map agreement (Pearson r, Dice of the Algorithm-1
   masks); optionally the network under ``torch.compile`` (its own row).
 - ``volume``: volume inference end to end (NIfTI in, preprocessing, forward process, post-processing, inversion to
   the input grid, NIfTI out) of ``--case`` (a folder with the case's NIfTI files), else of a synthetic case.
+- ``precision``: the ``precision`` setting bf16 against fp32 on a trained checkpoint, ``--checkpoint`` (with
+  ``--calibration`` when given), else the one the bundle part trained, with its calibration: Dice of the
+  Algorithm-1 masks and the relative difference of the M_t curves, on slices of ``--case`` or the synthetic cases.
 
-Random weights (zero-initialised output layers re-drawn, as in bench_inferer): timings and memory are real, maps are
-not meant to find anything. ``--smoke`` runs every part on CPU with tiny settings in well under a minute (the test
-``tests/test_gpu_check.py`` runs it). The table (markdown) is printed and written with a JSON file to ``--out``
-(default ``$OUT`` when set, else ``runs/gpu_check``). Run from the repository root; see benchmarks/README.md for the
-commands on a GPU machine without MONAI.
+Random weights in ``train``, ``inferer`` and ``volume`` (zero-initialised output layers re-drawn, as in
+bench_inferer): timings and memory are real, maps are not meant to find anything. ``--smoke`` runs every part on
+CPU with tiny settings in about a minute (the test ``tests/test_gpu_check.py`` runs it). The table (markdown) is
+printed and written with a JSON file to ``--out`` (default ``$OUT`` when set, else ``runs/gpu_check``), with each
+bundle command's log. Run from the repository root; see benchmarks/README.md for the commands on a GPU machine
+without MONAI.
 
 Usage::
 
     python3 benchmarks/gpu_check.py --case gpu_case/BraTS2021_00006     # GPU, sized for at most 8 minutes
+    python3 benchmarks/gpu_check.py --checkpoint model.pt --calibration calibration.json   # plus a trained model
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check          # CPU, tiny settings
 """
 
@@ -37,8 +48,10 @@ import copy
 import json
 import math
 import os
+import re
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,7 +77,7 @@ from anofpdm_monai.engines import ClassConditionedDiffusionInferer, ClassifierFr
 from anofpdm_monai.engines.handlers import RNGState  # noqa: E402
 from anofpdm_monai.inferers import AnoFPDMInferer  # noqa: E402
 from anofpdm_monai.metrics import dice_per_slice  # noqa: E402
-from anofpdm_monai.networks import build_diffusion_unet, load_checkpoint  # noqa: E402
+from anofpdm_monai.networks import build_diffusion_unet, load_checkpoint, load_network  # noqa: E402
 from anofpdm_monai.postprocessing import scaled_min_component_size  # noqa: E402
 from anofpdm_monai.schedule import NoiseSchedule  # noqa: E402
 from anofpdm_monai.settings import AnoFPDMSettings  # noqa: E402
@@ -90,6 +103,13 @@ class Plan:
     bundle_size: str
     bundle_image_size: int
     bundle_batch: int
+    bundle_train_s: float  # the training bundles' own ``time_limit``
+    bundle_timeout_s: float  # the most one bundle command may run (it is then killed and its row FAILED)
+    bundle_t_max: int  # the calibration grid of the bundle commands (t_max, stride)
+    bundle_stride: int
+    bundle_guidance: tuple[float, ...]
+    agree_slices: int  # slices of the bf16-vs-fp32 row
+    agree_t_max: int | None  # its grid without a calibration (None: the library's default grid)
     infer_batch: int
     t_max: int
     official_steps: int
@@ -105,13 +125,20 @@ def gpu_plan() -> Plan:
         image_size=128,
         train_batch=64,
         train_iters=300,
-        train_max_s=150.0,
+        train_max_s=90.0,
         resume_batch=16,
         resume_first=10,
         resume_more=10,
         bundle_size="paper",
         bundle_image_size=128,
         bundle_batch=16,
+        bundle_train_s=30.0,
+        bundle_timeout_s=150.0,
+        bundle_t_max=299,
+        bundle_stride=6,
+        bundle_guidance=(1.0, 2.0, 3.0),
+        agree_slices=32,
+        agree_t_max=None,
         infer_batch=64,
         t_max=AnoFPDMSettings().t_max,
         official_steps=50,
@@ -135,6 +162,13 @@ def smoke_plan() -> Plan:
         bundle_size="tiny",
         bundle_image_size=32,
         bundle_batch=8,
+        bundle_train_s=30.0,
+        bundle_timeout_s=240.0,
+        bundle_t_max=9,
+        bundle_stride=3,
+        bundle_guidance=(1.0, 3.0),
+        agree_slices=6,
+        agree_t_max=9,
         infer_batch=2,
         t_max=9,
         official_steps=3,
@@ -334,68 +368,408 @@ def part_resume(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[d
     ]
 
 
-def _synthetic_data(root: Path, smoke: bool) -> dict[str, Any]:
+def _synthetic_data(root: Path, smoke: bool, modalities: list[str] = BRATS) -> dict[str, Any]:
     """A small synthetic BraTS-like dataset (training 2, validation 1, test 1) with its datalist."""
     from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy
 
     shape, spacing = ((32, 40, 24), 6.0) if smoke else ((64, 72, 48), 3.0)
     anatomy = phantom_anatomy(shape=shape, spacing=spacing)
     splits = {"training": 1 if smoke else 2, "validation": 1, "test": 1}
-    datalist = make_dataset(root / "data", anatomy, splits=splits, modalities=BRATS)
+    datalist = make_dataset(root / "data", anatomy, splits=splits, modalities=modalities)
     (root / "datalist.json").write_text(json.dumps(datalist, indent=1))
     return {"dataset_dir": root / "data", "datalist": root / "datalist.json", "entries": datalist}
 
 
-def part_bundle(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[dict[str, Any]]:
-    tmp = Path(ctx["tmp"])
-    data = ctx.setdefault("data", _synthetic_data(tmp / "synthetic", ctx["smoke"]))
-    out = tmp / "bundle_out"
-    overrides = {
-        "dataset_dir": data["dataset_dir"],
-        "datalist": data["datalist"],
-        "cache_dir": tmp / "bundle_cache",
-        "output_dir": out,
-        "image_size": plan.bundle_image_size,
-        "network_size": plan.bundle_size,
-        "batch_size": plan.bundle_batch,
-        "val_batch_size": 2 * plan.bundle_batch,
-        "num_workers": 0,
-        "progress": False,
-        "num_epochs": 1,
-    }
-    files = config_files("anofpdm_brats21", "train", "multi_gpu_train")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    cmd += ["-m", "monai.bundle", "run", "--config_file", str(files)]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
+BUNDLE = "anofpdm_brats21"
+
+
+def _bundle_env(device: torch.device) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     if device.type == "cuda":
         env["NCCL_DEBUG"] = "INFO"
     else:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even where a GPU exists
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU (gloo under torchrun) even where a GPU exists
+    return env
+
+
+def bundle_command(workflows: tuple[str, ...], overrides: dict[str, Any], torchrun: bool) -> list[str]:
+    """``[torchrun --standalone --nproc_per_node=1] python -m monai.bundle run --config_file "[...]" --key value``
+    with the shipped configs (``anofpdm_monai.bundle.config_files``: the BraTS bundle's dataset.json, then the
+    common workflow configs in order)."""
+    cmd = [sys.executable]
+    if torchrun:
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", str(config_files(BUNDLE, *workflows))]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(list(v) if isinstance(v, tuple) else v)]
+    return cmd
+
+
+def error_line(log: str) -> str:
+    """The line of a command's output that names its error: the workflows' one-line ``error: ...``
+    (``anofpdm_monai.apps.errors``), else the first ``SomeError: ...`` line, else the last line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("error: "):
+            return ln
+    for ln in lines:
+        if re.match(r"^[\w.]*(Error|Exception)\b", ln):
+            if "ChildFailedError" in ln:  # torchrun's: name the worker's exit status (its own message is lost)
+                code = re.search(r"exitcode\s*:\s*(-?\d+)", log)
+                ln = f"{ln.rstrip(':')}: worker exit status {code.group(1) if code else '?'}, no error line from it"
+            return ln
+    return lines[-1] if lines else ""
+
+
+def _files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.is_dir() else set()
+
+
+def run_command(cmd: list[str], env: dict[str, str], timeout: float, log_path: Path) -> dict[str, Any]:
+    """Run ``cmd`` from the repository root in its own process group (killed whole past ``timeout``: torchrun's
+    worker too); its output (stdout and stderr together) goes to ``log_path``."""
+    before = _files_under(REPO / "bundles")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    timed_out = False
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
     wall = time.perf_counter() - start
-    log = proc.stdout + proc.stderr
-    (Path(ctx["out"]) / "bundle_log.txt").write_text(log[-200_000:])
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited {proc.returncode}: {log.strip().splitlines()[-1] if log.strip() else ''}")
-    final = load_checkpoint(out / "model.pt")
-    iterations = int(final.get("iteration", 0))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    seen = ("NCCL INFO" in log) if device.type == "cuda" else True
-    ok = iterations > 0 and "Engine run finished" in log and seen
+    log_path.write_text(shlex.join(cmd) + "\n\n" + log[-200_000:])
+    written = sorted(_files_under(REPO / "bundles") - before)
+    if timed_out:
+        why = f"timed out after {timeout:.0f} s, killed"
+    elif proc.returncode != 0:
+        why = f"exit {proc.returncode}: {error_line(log)}"
+    elif written:
+        why = f"wrote into the repository's bundles/: {written[:3]}"
+    else:
+        why = ""
+    return {"rc": proc.returncode, "wall": wall, "log": log, "why": why[:300], "log_file": log_path.name}
+
+
+def _arrays(folder: Path) -> dict[str, np.ndarray]:
+    import nibabel as nib
+
+    return {str(p.relative_to(folder)): np.asarray(nib.load(p).dataobj) for p in sorted(folder.rglob("*.nii.gz"))}
+
+
+def part_bundle(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shipped bundle commands on the synthetic dataset, each a subprocess with a time limit, each its own row:
+    train.json, train.json + multi_gpu_train.json under torchrun, calibrate.json, inference.json and inference.json +
+    multi_gpu_inference.json under torchrun. A command that fails is a FAILED row (exit status and the line naming
+    its error); the later commands still run (on whatever the earlier ones left)."""
+    from anofpdm_monai.calibration import Calibration
+
+    tmp = Path(ctx["tmp"])
+    data = ctx.setdefault("data", _synthetic_data(tmp / "synthetic", ctx["smoke"]))
+    cuda = device.type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    env = _bundle_env(device)
+    logs = Path(ctx["out"])
+    common = {"dataset_dir": data["dataset_dir"], "datalist": data["datalist"], "progress": False}
+    n_test = len(data["entries"]["test"])
+    rows: list[dict[str, Any]] = []
+
+    def command(
+        key: str,
+        item: str,
+        workflows: tuple[str, ...],
+        overrides: dict[str, Any],
+        torchrun: bool,
+        check: Callable[[dict[str, Any]], tuple[str, dict[str, Any], str]],
+    ) -> None:
+        """Run one command and add its row; ``check`` gives (why it is not ok or "", figures, text) of a command
+        that exited 0."""
+        timeout = min(plan.bundle_timeout_s, max(20.0, ctx["hard_deadline"] - time.perf_counter()))
+        cmd = bundle_command(workflows, overrides, torchrun)
+        res = run_command(cmd, env, timeout, logs / f"bundle_{key}_log.txt")
+        figures: dict[str, Any] = {"wall_s": res["wall"], "exit_status": res["rc"]}
+        why, text = res["why"], ""
+        if not why:
+            try:
+                why, more, text = check(res)
+                figures.update(more)
+            except Exception as exc:  # noqa: BLE001 - a check that cannot read the outputs fails this row only
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        text = (text + ", " if text else "") + f"whole command {res['wall']:.1f} s; log {res['log_file']}"
+        rows.append(
+            {
+                "part": "c bundle",
+                "item": item,
+                "ok": not why,
+                "why": why,
+                "figures": figures,
+                "text": text,
+                "seconds": res["wall"],
+                "command": shlex.join(cmd),
+            }
+        )
+
+    train = {
+        **common,
+        "cache_dir": tmp / "bundle_cache",
+        "image_size": plan.bundle_image_size,
+        "network_size": plan.bundle_size,
+        "batch_size": plan.bundle_batch,
+        "val_batch_size": 2 * plan.bundle_batch,
+        "num_workers": 0,
+        "num_epochs": 1,
+        "time_limit": plan.bundle_train_s,
+    }
+    net = f"{plan.bundle_size} net, {plan.bundle_image_size}px, 1 epoch or {plan.bundle_train_s:.0f} s"
+
+    def trained(out: Path, distributed: bool) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any], str]]:
+        def check(res: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+            iterations = int(load_checkpoint(out / "model.pt").get("iteration", 0))
+            finished = "Engine run finished" in res["log"]
+            seen = ("NCCL INFO" in res["log"]) if (distributed and cuda) else True
+            ok = iterations > 0 and finished and seen
+            why = "" if ok else f"iterations {iterations}, finished {finished}, nccl seen {seen}"
+            return why, {"iterations": iterations}, f"{iterations} iterations, model.pt written"
+
+        return check
+
+    out_train, out_ddp = tmp / "bundle_train", tmp / "bundle_train_ddp"
+    command(
+        "train",
+        f"train.json, 1 process, {net}",
+        ("train",),
+        {**train, "output_dir": out_train},
+        False,
+        trained(out_train, False),
+    )
+    command(
+        "train_ddp",
+        f"train.json + multi_gpu_train.json, torchrun 1 process, {backend}, {net}",
+        ("train", "multi_gpu_train"),
+        {**train, "output_dir": out_ddp},
+        True,
+        trained(out_ddp, True),
+    )
+    checkpoint = next((d / "model.pt" for d in (out_train, out_ddp) if (d / "model.pt").is_file()), None)
+    ctx["bundle_checkpoint"] = checkpoint
+    checkpoint = checkpoint or out_train / "model.pt"  # none written: the commands below run and fail on it
+    # a few iterations leave the EMA weights at the initial ones, whose zero output layers make every prediction 0
+    # (M_max 0: calibration refuses it), so calibration and inference use the trained weights
+    use_ema = False
+
+    eval_dir = tmp / "bundle_eval"
+    calibration = eval_dir / "calibration.json"
+    grid = {
+        "t_max": plan.bundle_t_max,
+        "stride": plan.bundle_stride,
+        "min_component_size": scaled_min_component_size(plan.bundle_image_size),
+    }
+
+    def calibrated(res: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+        cal = Calibration.load(calibration)
+        w = float(cal.guidance_scale)
+        return "", {"guidance_scale": w}, f"calibration.json written, w* = {w:g}"
+
+    steps = len(AnoFPDMSettings(t_max=plan.bundle_t_max, stride=plan.bundle_stride).grid())
+    command(
+        "calibrate",
+        f"calibrate.json, validation split, w in {list(plan.bundle_guidance)}, grid {steps} steps",
+        ("calibrate",),
+        {
+            **common,
+            "cache_dir": tmp / "bundle_cache",
+            "checkpoint": checkpoint,
+            "output_dir": eval_dir,
+            "calibration_file": calibration,
+            "use_ema": use_ema,
+            "guidance_scales": plan.bundle_guidance,
+            **grid,
+        },
+        False,
+        calibrated,
+    )
+    ctx["bundle_calibration"] = calibration if calibration.is_file() else None
+
+    def inferred(out: Path, reference: Path | None) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any], str]]:
+        def check(res: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+            summary = json.loads((out / "inference_summary.json").read_text())
+            done, failed = len(summary.get("done", [])), len(summary.get("failed", []))
+            arrays = _arrays(out)
+            figures: dict[str, Any] = {"cases_done": done, "cases_failed": failed, "nifti_written": len(arrays)}
+            why = "" if done == n_test and not failed and arrays else f"done {done} of {n_test}, failed {failed}"
+            text = f"{done}/{n_test} test cases, {len(arrays)} NIfTI written"
+            if reference is not None and reference.is_dir():
+                ref = _arrays(reference)
+                if sorted(ref) != sorted(arrays):
+                    why = why or "not the files the 1-process inference.json wrote"
+                else:
+                    diff = max((float(np.abs(arrays[k] - ref[k]).max()) for k in ref), default=0.0)
+                    figures["max_abs_diff_vs_inference"] = diff
+                    text += f", max abs difference to inference.json's {diff:.1e}"
+            return why, figures, text
+
+        return check
+
+    infer = {
+        **common,
+        "checkpoint": checkpoint,
+        "calibration": calibration,
+        "use_ema": use_ema,
+        "batch_size": plan.volume_batch,
+    }
+    out_infer, out_infer_ddp = tmp / "bundle_infer", tmp / "bundle_infer_ddp"
+    command(
+        "inference",
+        f"inference.json, 1 process, test split ({n_test} case)",
+        ("inference",),
+        {**infer, "output_dir": out_infer},
+        False,
+        inferred(out_infer, None),
+    )
+    command(
+        "inference_ddp",
+        f"inference.json + multi_gpu_inference.json, torchrun 1 process, {backend}",
+        ("inference", "multi_gpu_inference"),
+        {**infer, "output_dir": out_infer_ddp},
+        True,
+        inferred(out_infer_ddp, out_infer),
+    )
+    return rows
+
+
+def _slices_for(pre: Any, ctx: dict[str, Any], count: int) -> tuple[torch.Tensor, str]:
+    """``count`` brain slices (evenly spread) preprocessed as the checkpoint was trained: of ``--case``, else of the
+    synthetic test and validation cases (made with the checkpoint's modalities)."""
+    modalities = list(pre.modalities)
+    if ctx["case"] is not None:
+        case = Path(ctx["case"]).resolve()
+        entries, source = [_case_entry(case, modalities)], f"case {case.name}"
+    else:
+        tmp = Path(ctx["tmp"])
+        if modalities == BRATS:
+            data = ctx.setdefault("data", _synthetic_data(tmp / "synthetic", ctx["smoke"]))
+        else:
+            data = _synthetic_data(tmp / ("synthetic_" + "_".join(modalities)), ctx["smoke"], modalities)
+        root = Path(data["dataset_dir"])
+        raw = data["entries"]["test"] + data["entries"]["validation"]
+        entries = [
+            {"id": e["id"], "image": [str(root / p) for p in e["image"]], "label": str(root / e["label"])} for e in raw
+        ]
+        source = "synthetic cases " + ", ".join(str(e["id"]) for e in raw)
+    images = np.concatenate([pre.slices(pre(e)).image for e in entries])
+    pick = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int))
+    return torch.from_numpy(images[pick]), source
+
+
+def part_precision(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """The project's ``precision`` setting, bf16 against fp32, on a trained checkpoint: ``--checkpoint`` (with
+    ``--calibration`` when given), else the one the training bundle just wrote with the calibration the calibrate
+    bundle made. The same slices and noise at both precisions; Dice of the Algorithm-1 masks (before health gating)
+    with the calibration's M_max (without a calibration: the fp32 batch maximum as a stand-in), and the relative
+    difference of the M_t curves."""
+    from anofpdm_monai.calibration import Calibration
+    from anofpdm_monai.data import VolumePreprocessor
+
+    cuda = device.type == "cuda"
+    given = ctx.get("checkpoint")
+    checkpoint = Path(given) if given else ctx.get("bundle_checkpoint")
+    if checkpoint is None:
+        raise RuntimeError("no checkpoint: pass --checkpoint, or run the bundle part first (it trains one)")
+    calibration = ctx.get("calibration") if given else ctx.get("bundle_calibration")
+    # the weights the calibration was made with: the EMA ones of a given checkpoint, the trained ones of the bundle's
+    net, info = load_network(checkpoint, use_ema=bool(given), map_location=device, use_flash_attention=cuda)
+    net = net.to(device).eval()
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    pre = VolumePreprocessor.from_dict(info["preprocessing"])
+    x, source = _slices_for(pre, ctx, plan.agree_slices)
+    x = x.to(device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    if calibration is not None:
+        cal = Calibration.load(calibration)
+
+        def make(precision: str, m_max: Any = None) -> AnoFPDMInferer:
+            return AnoFPDMInferer.from_calibration(cal, scheduler=info["schedule"], precision=precision)
+
+        constants = f"calibration {Path(calibration).name} (w* {cal.guidance_scale:g})"
+    else:
+        settings = AnoFPDMSettings() if plan.agree_t_max is None else AnoFPDMSettings(t_max=plan.agree_t_max)
+        settings = settings.replace(min_component_size=scaled_min_component_size(pre.image_size))
+        channels = [pre.modalities.index(m) for m in ("flair", "t2") if m in pre.modalities] or [0]
+
+        def make(precision: str, m_max: Any = None) -> AnoFPDMInferer:
+            return AnoFPDMInferer(
+                settings.replace(precision=precision),
+                map_channels=channels,
+                m_max=m_max,
+                scheduler=info["schedule"],
+            )
+
+        constants = "no calibration: stand-in M_max = fp32 batch maximum, w 2"
+    results, seconds = {}, {}
+    for precision in ("fp32", "bf16"):
+        inferer = make(precision)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            results[precision] = inferer.run(x, net)
+        _sync(device)
+        seconds[precision] = time.perf_counter() - t0
+    grid = len(inferer.settings.grid(inferer.schedule.num_train_timesteps))
+    if calibration is None:
+        m_max = results["fp32"].divergence_max(settings.end_step)[0].amax(dim=0).tolist()
+        post = make("fp32", m_max)
+    else:
+        post = make("fp32")
+    out = {p: post.postprocess(r) for p, r in results.items()}
+    dice = float(dice_per_slice(out["bf16"].mask_ungated.cpu(), out["fp32"].mask_ungated.cpu()).mean())
+    ref, low = results["fp32"].divergence[0].double().cpu(), results["bf16"].divergence[0].double().cpu()
+    rel = float((low - ref).norm() / ref.norm().clamp_min(1e-30))  # over all slices, steps and map modalities
+    per_slice = (low - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-30)
+    te_equal = float((out["bf16"].end_step == out["fp32"].end_step).float().mean())
+    label_equal = float((out["bf16"].pred_label == out["fp32"].pred_label).float().mean())
+    pixels = int(out["fp32"].mask_ungated.sum())
+    finite = all(math.isfinite(v) for v in (dice, rel, float(per_slice.max())))
+    # a model trained a few iterations (the bundle's here) barely tells the class labels apart, so its guided and
+    # reference predictions differ by less than bf16 rounds the network output, and M_t moves by several per cent:
+    # the M_t difference is judged on a given (trained) checkpoint only, the masks on both
+    judged = bool(given)
+    ok = finite and dice >= 0.9 and (rel <= 0.05 or not judged)
+    if ok:
+        why = ""
+    elif not finite:
+        why = "figures not finite"
+    else:
+        why = f"bf16 departs from fp32 (mask Dice < 0.9{' or relative M_t difference > 0.05' if judged else ''})"
+    name = "given" if given else "bundle-trained"
     return [
         {
-            "part": "c bundle",
-            "item": f"train.json + multi_gpu_train.json, torchrun 1 process, {backend}, {plan.bundle_size} net, "
-            f"{plan.bundle_image_size}px",
+            "part": "f precision",
+            "item": f"bf16 vs fp32 (settings.precision), {name} checkpoint {checkpoint.name}, {len(x)} slices of "
+            f"{source}, grid {grid} steps, {constants}",
             "ok": ok,
-            "why": "" if ok else f"iterations {iterations}, finished {'Engine run finished' in log}, nccl seen {seen}",
-            "figures": {"iterations": iterations, "wall_s": wall},
-            "text": f"{iterations} iterations, whole command {wall:.1f} s (start-up, cache, 1 epoch)",
+            "why": why,
+            "figures": {
+                "mask_dice": dice,
+                "rel_mt_diff": rel,
+                "max_slice_rel_mt_diff": float(per_slice.max()),
+                "te_equal_fraction": te_equal,
+                "label_equal_fraction": label_equal,
+                "fp32_mask_pixels": pixels,
+                "fp32_s": seconds["fp32"],
+                "bf16_s": seconds["bf16"],
+            },
+            "text": f"mask Dice {dice:.3f} ({pixels} fp32 mask pixels), relative M_t difference {rel:.1e} "
+            f"(worst slice {float(per_slice.max()):.1e}{'' if judged else ', not judged: a few-iteration model'}), "
+            f"t_e equal {te_equal:.0%}, labels equal "
+            f"{label_equal:.0%}, fp32 {seconds['fp32']:.1f} s, bf16 {seconds['bf16']:.1f} s",
         }
     ]
 
@@ -544,7 +918,7 @@ def part_inferer(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[
     )
     if plan.compile:
         remaining = ctx["deadline"] - time.perf_counter()
-        if remaining < 120:
+        if remaining < 180:  # room for the volume and precision parts after it
             rows.append(
                 {
                     "part": "d inferer",
@@ -593,10 +967,10 @@ def part_inferer(plan: Plan, device: torch.device, ctx: dict[str, Any]) -> list[
     return rows
 
 
-def _case_entry(case: Path) -> dict[str, Any]:
+def _case_entry(case: Path, modalities: list[str] = BRATS) -> dict[str, Any]:
     from anofpdm_monai.data.datalist import datalist_from_folder
 
-    found = datalist_from_folder(case.parent, modalities=BRATS, report_unusable=True)
+    found = datalist_from_folder(case.parent, modalities=modalities, report_unusable=True)
     entries = [e for e in found["test"] if str(e["id"]) == case.name]
     if not entries:
         reason = found["unusable"].get(case.name, "not found")
@@ -672,8 +1046,16 @@ PARTS: dict[str, Callable[[Plan, torch.device, dict[str, Any]], list[dict[str, A
     "bundle": part_bundle,
     "inferer": part_inferer,
     "volume": part_volume,
+    "precision": part_precision,
 }
-LABELS = {"train": "a train", "resume": "b resume", "bundle": "c bundle", "inferer": "d inferer", "volume": "e volume"}
+LABELS = {
+    "train": "a train",
+    "resume": "b resume",
+    "bundle": "c bundle",
+    "inferer": "d inferer",
+    "volume": "e volume",
+    "precision": "f precision",
+}
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -697,7 +1079,10 @@ def main(argv: list[str] | None = None) -> int:
     default_out = os.environ.get("OUT") or str(REPO / "runs" / "gpu_check")
     parser.add_argument("--out", type=Path, default=Path(default_out), help="where the table and JSON go")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a trained model.pt for the bf16-vs-fp32 row")
+    parser.add_argument("--calibration", type=Path, default=None, help="its calibration.json (optional)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="optional items are skipped past this")
+    parser.add_argument("--limit-s", type=float, default=470.0, help="bundle commands are killed past this")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
 
@@ -725,6 +1110,9 @@ def main(argv: list[str] | None = None) -> int:
             "smoke": args.smoke,
             "case": args.case,
             "deadline": start + args.budget_s,
+            "hard_deadline": start + args.limit_s,
+            "checkpoint": args.checkpoint,
+            "calibration": args.calibration,
         }
         for name in args.parts:
             t0 = time.perf_counter()
@@ -745,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             seconds = time.perf_counter() - t0
             for r in new:
-                r["seconds"] = seconds
+                r.setdefault("seconds", seconds)
                 r["status"] = "ok" if r["ok"] else "FAILED"
             rows.extend(new)
             print(f"{name}: {'ok' if all(r['ok'] for r in new) else 'FAILED'} ({seconds:.1f} s)", flush=True)

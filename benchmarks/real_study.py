@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no manifest.json in {args.data}: pass --data <shared data folder>")
         entries = labelled_cases(args.data.resolve(), args.modalities)
         folds = deal_folds([e["id"] for e in entries], args.folds)
-        write_json(out / "folds.json", {"folds": folds, "args": vars(args)})
+        # the arguments of every run by tag and stages (an ablation's calibrate/evaluate run keeps the training's)
+        runs_file = out / "folds.json"
+        runs = json.loads(runs_file.read_text()).get("runs", {}) if runs_file.is_file() else {}
+        runs[f"{args.tag or 'main'}:{'+'.join(args.stages)}"] = {k: str(v) for k, v in vars(args).items()}
+        write_json(runs_file, {"folds": folds, "args": vars(args), "runs": runs})
     for k in fold_ids:
         if not set(args.stages) & {"train", "classifier", "calibrate", "evaluate"}:
             break

@@ -60,14 +60,17 @@ def _install(debug: bool) -> None:
         if issubclass(kind, KeyboardInterrupt):
             sys.__excepthook__(kind, exc, tb)
             return
-        if debug:
-            traceback.print_exception(kind, exc, tb)
-        root = root_cause(exc)
-        print(f"error: {type(root).__name__}: {first_line(root)}", file=sys.stderr)
-        if not debug:
-            print("(run again with --debug true for the traceback)", file=sys.stderr)
+        # the process's own stderr: under torchrun sys.stderr may be a buffer that os._exit would never write
+        err = sys.__stderr__ or sys.stderr
         sys.stdout.flush()
         sys.stderr.flush()
+        if debug:
+            traceback.print_exception(kind, exc, tb, file=err)
+        root = root_cause(exc)
+        print(f"error: {type(root).__name__}: {first_line(root)}", file=err)
+        if not debug:
+            print("(run again with --debug true for the traceback)", file=err)
+        err.flush()
         os._exit(exit_status(exc))  # after flushing: the interpreter's own exit would use status 1
 
     sys.excepthook = hook

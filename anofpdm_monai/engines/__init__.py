@@ -15,6 +15,7 @@ from .inference import CaseDataset, CaseEvaluator, InferenceFailures, InferenceS
 from .prepare_batch import (
     ClassConditionedDiffusionInferer,
     ClassifierFreePrepareBatch,
+    LabelledNetwork,
     NoisyClassifierPrepareBatch,
     SliceLabelPrepareBatch,
 )
@@ -22,6 +23,7 @@ from .prepare_batch import (
 __all__ = [
     "ClassifierFreePrepareBatch",
     "ClassConditionedDiffusionInferer",
+    "LabelledNetwork",
     "NoisyClassifierPrepareBatch",
     "SliceLabelPrepareBatch",
     "EMAState",

@@ -27,7 +27,7 @@ from ..networks.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from ..networks.unet import HEALTHY, NULL
 from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_SCALE
-from ..visualize import save_reconstruction_grid
+from ..visualize import save_reconstruction_grid, save_sample_grid
 
 __all__ = [
     "RNGState",
@@ -349,10 +349,13 @@ class TimeBudget:
 
 
 class ReconstructionSaver:
-    """Save a PNG grid of healthy-guided reconstructions of fixed validation slices every ``interval`` epochs.
+    """Save a PNG grid of healthy-guided reconstructions of fixed validation slices, and one of healthy samples,
+    every ``interval`` epochs.
 
     The slices are DDIM-inverted with the null label to ``noise_level`` and decoded with healthy guidance w
-    (the "DDIM classifier-free" reconstruction): unhealthy slices should come back with the lesion removed.
+    (the "DDIM classifier-free" reconstruction): unhealthy slices should come back with the lesion removed. The
+    samples are decoded from fixed noise at the last step with the same guidance (``samples_epoch=N.png``): a model
+    that has learnt brain slices generates brain-like ones.
 
     Args:
         network: the network to sample with (typically the EMA model).
@@ -366,6 +369,7 @@ class ReconstructionSaver:
         num_items: number of slices shown.
         channel_names: names of the image channels for the figure.
         schedule: the training run's noise schedule (default: the papers' linear schedule).
+        num_samples: number of healthy samples drawn (0: none); the same noise (seed 0) at every preview.
     """
 
     def __init__(
@@ -380,6 +384,7 @@ class ReconstructionSaver:
         num_items: int = 4,
         channel_names: Sequence[str] | None = None,
         schedule: NoiseSchedule | None = None,
+        num_samples: int = 4,
     ) -> None:
         self.network = network
         self.dataset = dataset
@@ -391,6 +396,7 @@ class ReconstructionSaver:
         self.num_items = int(num_items)
         self.channel_names = list(channel_names) if channel_names is not None else None
         self.schedule = schedule or NoiseSchedule()
+        self.num_samples = int(num_samples)
         self._batch: torch.Tensor | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -419,11 +425,22 @@ class ReconstructionSaver:
             grid = reconstruction_grid(self.noise_level, self.num_steps)
             x_t = ddim_encode(net, x0, self.schedule, grid, label=NULL)
             recon = ddim_decode(net, x_t, self.schedule, grid, label=HEALTHY, guidance_scale=self.guidance_scale)
+            samples = None
+            if self.num_samples > 0:
+                noise = torch.randn((self.num_samples, *x0.shape[1:]), generator=torch.Generator().manual_seed(0))
+                grid = reconstruction_grid(self.schedule.num_train_timesteps - 1, self.num_steps)
+                samples = ddim_decode(
+                    net, noise.to(device), self.schedule, grid, label=HEALTHY, guidance_scale=self.guidance_scale
+                )
         finally:
             net.train(was_training)
         path = self.output_dir / f"reconstruction_epoch={engine.state.epoch}.png"
         save_reconstruction_grid(path, x0.cpu(), recon.cpu(), channel_names=self.channel_names)
         logger.info("saved reconstruction preview %s", path)
+        if samples is not None:
+            path = self.output_dir / f"samples_epoch={engine.state.epoch}.png"
+            save_sample_grid(path, samples.cpu(), channel_names=self.channel_names)
+            logger.info("saved healthy samples %s", path)
 
 
 class ProgressBar:

@@ -12,11 +12,12 @@ from monai.inferers import DiffusionInferer
 from monai.utils import CommonKeys, convert_to_tensor
 
 from ..networks.unet import NULL
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, classifier_free_guidance
 
 __all__ = [
     "ClassifierFreePrepareBatch",
     "ClassConditionedDiffusionInferer",
+    "LabelledNetwork",
     "NoisyClassifierPrepareBatch",
     "SliceLabelPrepareBatch",
 ]
@@ -201,6 +202,112 @@ class ClassConditionedDiffusionInferer(DiffusionInferer):
             raise ValueError("class_labels are required for the class-conditioned network")
         noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
         return diffusion_model(noisy, timesteps=timesteps, class_labels=class_labels)
+
+    def sample(  # type: ignore[override]
+        self,
+        input_noise: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        scheduler: Any = None,
+        save_intermediates: bool | None = False,
+        intermediate_steps: int | None = 100,
+        class_labels: torch.Tensor | int | None = None,
+        guidance_scale: float | None = None,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """MONAI's sampling loop (``DiffusionInferer.sample``) for the class-conditioned network: slices of class
+        ``class_labels`` (0 healthy, 1 unhealthy; one per sample or one for all), with classifier-free guidance
+        ``eps = (1 + w) eps_y - w eps_null`` when ``guidance_scale`` w is given. E.g. healthy samples with DDIM:
+        ``scheduler = DDIMScheduler(...); scheduler.set_timesteps(50); inferer.sample(noise, net, scheduler,
+        class_labels=0, guidance_scale=2.0)``.
+
+        Raises:
+            ValueError: without ``class_labels`` (the network has no unconditional mode but the null label).
+        """
+        _no_conditioning("sample", kwargs)
+        model = LabelledNetwork(diffusion_model, _labels(class_labels, input_noise, "sample"), guidance_scale)
+        return super().sample(
+            input_noise,
+            model,  # type: ignore[arg-type]
+            scheduler=scheduler,
+            save_intermediates=save_intermediates,
+            intermediate_steps=intermediate_steps,
+            verbose=verbose,
+        )
+
+    def get_likelihood(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        diffusion_model: torch.nn.Module,
+        scheduler: Any = None,
+        save_intermediates: bool | None = False,
+        class_labels: torch.Tensor | int | None = None,
+        original_input_range: tuple = (-1, 1),
+        scaled_input_range: tuple = (-1, 1),
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """MONAI's variational bound (``DiffusionInferer.get_likelihood``, a DDPM scheduler) of ``inputs`` under the
+        class ``class_labels`` (the null label 2 for the unconditional model). The slices are in [-1, 1], which is
+        the default input range here (MONAI's default is 0..255 scaled to 0..1).
+
+        Raises:
+            ValueError: without ``class_labels``.
+        """
+        _no_conditioning("get_likelihood", kwargs)
+        model = LabelledNetwork(diffusion_model, _labels(class_labels, inputs, "get_likelihood"))
+        return super().get_likelihood(
+            inputs,
+            model,  # type: ignore[arg-type]
+            scheduler=scheduler,
+            save_intermediates=save_intermediates,
+            original_input_range=original_input_range,
+            scaled_input_range=scaled_input_range,
+            verbose=verbose,
+        )
+
+
+class LabelledNetwork:
+    """The class-conditioned network as MONAI's inferers call an unconditioned one,
+    ``model(x, timesteps=t, context=None)``: the labels are fixed here, and with ``guidance_scale`` w the output is
+    the classifier-free guided ``(1 + w) eps_y - w eps_null`` (one batched call for both labels). A one-element
+    ``timesteps`` (MONAI's sampling loop passes ``Tensor((t,))``) is applied to every slice."""
+
+    def __init__(self, network: Any, class_labels: torch.Tensor, guidance_scale: float | None = None) -> None:
+        self.network = network
+        self.class_labels = class_labels
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: Any = None) -> torch.Tensor:
+        b = x.shape[0]
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).long()
+        t = t.expand(b) if t.numel() == 1 else t
+        y = self.class_labels.to(x.device)
+        if self.guidance_scale is None:
+            return self.network(x, timesteps=t, class_labels=y)
+        eps = self.network(
+            torch.cat([x, x]), timesteps=torch.cat([t, t]), class_labels=torch.cat([y, torch.full_like(y, NULL)])
+        )
+        return classifier_free_guidance(eps[:b], eps[b:], self.guidance_scale)
+
+
+def _labels(class_labels: torch.Tensor | int | None, like: torch.Tensor, method: str) -> torch.Tensor:
+    if class_labels is None:
+        raise ValueError(
+            f"{method}() of the class-conditioned network needs class_labels (0 healthy, 1 unhealthy, {NULL} null)"
+        )
+    y = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if y.numel() == 1:
+        y = y.expand(like.shape[0])
+    if y.numel() != like.shape[0]:
+        raise ValueError(f"{method}(): {y.numel()} class_labels for a batch of {like.shape[0]}")
+    return y.clone()
+
+
+def _no_conditioning(method: str, kwargs: Mapping[str, Any]) -> None:
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("mode",))
+    if unknown:
+        raise ValueError(f"{method}(): the class-conditioned network takes class_labels, not {unknown}")
 
 
 class NoisyClassifierPrepareBatch(ClassifierFreePrepareBatch):

@@ -23,13 +23,18 @@ from ..settings import DEFAULT_GUIDANCE_SCALE, AnoFPDMSettings
 from .forward_process import ForwardProcessResult, plain_tensor, run_forward_process
 from .health import health_score, is_unhealthy
 from .noise import Generators, PositionalGenerators, resolve_noise_keys, slice_generators, slice_noise_keys
+from .output import BatchOutput
 
 __all__ = ["AnoFPDMOutput", "AnoFPDMInferer", "SliceThresholds"]
 
 
-@dataclass
-class AnoFPDMOutput:
+@dataclass(eq=False)
+class AnoFPDMOutput(BatchOutput):
     """Per-slice results of :class:`AnoFPDMInferer` for a batch of B slices (K grid steps, Cm map modalities).
+
+    Also a mapping of the fields (:class:`~anofpdm_monai.inferers.output.BatchOutput`), each with the batch first
+    (maps and masks channel-first as (B, 1, H, W), ``timesteps`` as (B, K), ``guidance_scale`` as (B,)), so
+    ``decollate_batch`` gives one dictionary per slice.
 
     Attributes:
         anomaly_map: (B, H, W) H, averaged over map modalities (before the median filter).
@@ -62,6 +67,8 @@ class AnoFPDMOutput:
     timesteps: torch.Tensor
     guidance_scale: float
     health: torch.Tensor | None = None
+
+    _shared = ("timesteps", "guidance_scale")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_SCALE
 from .forward_process import plain_tensor
 from .noise import draw_noise, resolve_noise_keys, slice_generators, slice_noise_keys
+from .output import BatchOutput
 from .reconstruction import ddim_decode, ddim_encode, ddpm_decode, reconstruction_grid
 
 __all__ = [
@@ -53,10 +54,11 @@ DEFAULT_CLASSIFIER_SCALE = 100.0
 DEFAULT_CLASSIFIER_SCALES = (10.0, 50.0, 100.0)
 
 
-@dataclass
-class BaselineOutput:
+@dataclass(eq=False)
+class BaselineOutput(BatchOutput):
     """Per-slice baseline results: ``anomaly_map`` (B, H, W), ``filtered_map`` (median-filtered), ``mask`` (B, H, W)
-    bool, ``pred_label`` (B,) 1 when the mask is not empty, and the ``reconstruction`` (B, C, H, W) if any."""
+    bool, ``pred_label`` (B,) 1 when the mask is not empty, and the ``reconstruction`` (B, C, H, W) if any; also a
+    mapping of those fields (:class:`~anofpdm_monai.inferers.output.BatchOutput`)."""
 
     anomaly_map: torch.Tensor
     filtered_map: torch.Tensor
