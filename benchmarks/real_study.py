@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network-size", default="small", help="small on CPU, medium/paper on GPU")
     parser.add_argument("--train-minutes", type=float, default=16.0, help="wall-clock training budget per fold")
     parser.add_argument(
+        "--train-iterations",
+        type=int,
+        default=None,
+        help="stop training at this many iterations (with the minutes as a cap): runs comparable under any load",
+    )
+    parser.add_argument(
         "--classifier-minutes", type=float, default=8.0, help="wall-clock budget of the ddim_clf classifier per fold"
     )
     parser.add_argument("--batch-size", type=int, default=32)
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_max_timestep=args.train_max_timestep or None,
                 num_epochs=100000,
                 time_limit=int(train_left),
+                max_iterations=args.train_iterations,
                 ema_decay=args.ema_decay,
                 ema_warmup_iters=args.ema_warmup_iters,
                 num_workers=0,

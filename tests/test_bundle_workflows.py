@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from anofpdm_monai.apps.inference import VolumeInferer
@@ -243,3 +244,17 @@ def test_written_out_preprocessing_equals_the_library_chain(square_pad, tmp_path
     parser["preprocessor"] = pre
     bundle_chain = [t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ != "Identityd"]
     assert [_describe(t) for t in bundle_chain] == [_describe(t) for t in pre.transform.transforms]
+
+
+def test_max_iterations_stops_training_and_holds_on_resume(trained, tmp_path):
+    """train.json's max_iterations: the run stops after exactly that many iterations in all, and rerunning the
+    command (resume) trains no more."""
+    options = {**SMALL_TRAIN, "num_epochs": 50, "batch_size": 4, "max_iterations": 3}
+    for _ in range(2):
+        wf = _workflow(trained["bundle"], "train", "train", output_dir=str(tmp_path), **trained["common"], **options)
+        wf.run()
+        trainer = wf.parser.get_parsed_content("train::trainer")
+        wf.finalize()
+        assert trainer.state.iteration == 3
+        latest = torch.load(tmp_path / "checkpoint_latest.pt", map_location="cpu", weights_only=True)
+        assert latest["trainer"]["iteration"] == 3

@@ -574,6 +574,30 @@ def test_time_budget_disabled(seconds):
     assert engine.state.iteration == 6 and not engine.should_terminate
 
 
+def test_iteration_limit_counts_total_iterations_across_resumes():
+    """The limit is on the engine's total iteration count: exactly N iterations run, and a run resumed at N (the
+    resume handler sets the state after the budget's own STARTED handler, as in train.json) runs none."""
+    calls: list[int] = []
+    engine = Engine(lambda e, b: calls.append(e.state.iteration))
+    TimeBudget(None, iterations=7).attach(engine)
+    engine.run(range(10), max_epochs=3)
+    assert calls == list(range(1, 8)) and engine.state.iteration == 7
+
+    resumed: list[int] = []
+    engine = Engine(lambda e, b: resumed.append(e.state.iteration))
+    TimeBudget(None, iterations=7).attach(engine)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "iteration", 7))
+    engine.run(range(10), max_epochs=3)
+    assert resumed == [] and engine.state.iteration == 7
+
+    partial: list[int] = []  # resumed below the limit: continues to exactly the limit
+    engine = Engine(lambda e, b: partial.append(e.state.iteration))
+    TimeBudget(None, iterations=7).attach(engine)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "iteration", 4))
+    engine.run(range(10), max_epochs=3)
+    assert partial == [5, 6, 7]
+
+
 def test_time_budget_agrees_across_ranks(tmp_path):
     """Under a process group the stop decision goes through an all-reduce (here a 1-process gloo group)."""
     if dist.is_initialized():

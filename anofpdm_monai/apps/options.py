@@ -82,6 +82,7 @@ OPTION_KINDS: dict[str, str] = {
     "tolerance": "number",
     "guidance_scale": "number?",
     "time_limit": "number?",
+    "max_iterations": "int?",
     "num_steps": "int?",
     "train_max_timestep": "int?",
     "max_timestep": "int?",

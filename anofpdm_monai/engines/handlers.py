@@ -311,33 +311,46 @@ class TrainingCheckpointer:
 
 
 class TimeBudget:
-    """Stop training after ``seconds`` of wall-clock time, checked every iteration; the trainer then completes
-    normally, so the state and the final checkpoint are written. ``None`` or <= 0 disables it.
+    """Stop training after ``seconds`` of wall-clock time or at iteration ``iterations``, checked every iteration;
+    the trainer then completes normally, so the state and the final checkpoint are written. ``None`` or <= 0
+    disables a limit.
 
     ignite's ``TimeLimit`` is not used: under DistributedDataParallel each rank would stop at its own iteration and
     the others would wait forever in the gradient all-reduce. Here the ranks agree (an all-reduce of the stop flag,
-    one scalar per iteration) and all stop after the same iteration.
+    one scalar per iteration) and all stop after the same iteration. The iteration limit counts the engine's total
+    iterations (restored on resume), so a resumed run stops at the same model as an uninterrupted one, and two
+    runs with the same limit are comparable whatever else loads the machine.
 
     Args:
-        seconds: the budget, counted from the engine's ``STARTED`` event.
+        seconds: the wall-clock budget, counted from the engine's ``STARTED`` event.
+        iterations: the total number of training iterations.
     """
 
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float | None, iterations: int | None = None) -> None:
+        self.seconds = seconds if seconds is not None and seconds > 0 else None
+        self.iterations = int(iterations) if iterations is not None and int(iterations) > 0 else None
         self._start: float | None = None
 
     def attach(self, engine: Engine) -> None:
-        if self.seconds is not None and self.seconds > 0:
+        if self.seconds is not None or self.iterations is not None:
             engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.ITERATION_STARTED, self._already_done)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
 
     def _started(self, engine: Engine) -> None:
         self._start = time.monotonic()
 
+    def _already_done(self, engine: Engine) -> None:
+        # a run resumed at (or past) the limit: ignite skips the iteration that is terminated here
+        if self.iterations is not None and engine.state.iteration > self.iterations:
+            logger.info("iteration limit %d already reached: stopping", self.iterations)
+            engine.state.iteration -= 1
+            engine.terminate()
+
     def _check(self, engine: Engine) -> None:
         start = self._start if self._start is not None else time.monotonic()
-        stop = time.monotonic() - start >= float(self.seconds)  # type: ignore[arg-type]
-        if dist.is_available() and dist.is_initialized():
+        stop = self.seconds is not None and time.monotonic() - start >= self.seconds
+        if dist.is_available() and dist.is_initialized() and self.seconds is not None:
             on_cuda = dist.get_backend() == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
             flag = torch.tensor([1.0 if stop else 0.0], device=device)
@@ -345,6 +358,9 @@ class TimeBudget:
             stop = bool(flag.item() > 0)
         if stop:
             logger.info("time budget of %s s reached at iteration %d: stopping", self.seconds, engine.state.iteration)
+            engine.terminate()
+        elif self.iterations is not None and engine.state.iteration >= self.iterations:  # the same on every rank
+            logger.info("iteration limit %d reached: stopping", self.iterations)
             engine.terminate()
 
 
