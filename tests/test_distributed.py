@@ -523,8 +523,13 @@ def test_rank0_handlers_by_name_keep_a_user_handler_on_every_rank(helpers):
     rank0_only = ["ReconstructionSaver", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
     assert rank0["train"] == [*common, *rank0_only, "TerminateOnNan"]
     assert rank1["train"] == [*common, "TerminateOnNan"]
-    assert rank0["validate"] == ["ClassifierFreePrepareBatch", "StatsHandler", "TensorBoardStatsHandler"]
-    assert rank1["validate"] == ["ClassifierFreePrepareBatch"]
+    assert rank0["validate"] == [
+        "ClassifierFreePrepareBatch",
+        "ResumeLogFilter",
+        "StatsHandler",
+        "TensorBoardStatsHandler",
+    ]
+    assert rank1["validate"] == ["ClassifierFreePrepareBatch", "ResumeLogFilter"]
 
 
 def test_rng_state_is_restored_per_rank(helpers):

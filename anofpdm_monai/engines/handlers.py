@@ -7,6 +7,7 @@ Every handler has ``attach(engine)``, so it can be listed in ``train_handlers`` 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -36,6 +37,8 @@ __all__ = [
     "TimeBudget",
     "ReconstructionSaver",
     "ProgressBar",
+    "ResumeLogFilter",
+    "format_duration",
     "is_main_process",
 ]
 
@@ -138,11 +141,27 @@ class EMAState:
             scheduler.event_index = int(state["event_index"])
 
 
-class _FreshStateResumeFilter(logging.Filter):
-    """Drops ignite's "Engine run resuming from iteration 0, epoch 0 ..." (logged for a fresh state)."""
+class ResumeLogFilter(logging.Filter):
+    """Drops ignite's "Engine run resuming from iteration 0, epoch N until M epochs" line, which resumes nothing;
+    ``attach(engine)`` adds it to the engine's logger (once), so it can be listed in MONAI handler lists.
+
+    ignite calls a run a resume whenever the engine's state already has ``max_epochs`` when ``run`` starts, and a
+    MONAI engine always does: ``Workflow`` creates its state with ``max_epochs``, and ``Evaluator.run`` sets
+    ``max_epochs`` and ``epoch`` (the trainer's epoch - 1) before every validation. So every fresh training run, every
+    validation and every calibration or inference run logged "resuming". A run that has done no iteration
+    (iteration 0) resumes nothing; a real in-process resume (``run`` again after ``terminate``, iteration > 0) keeps
+    the line. A training run resumed from a checkpoint is told by :class:`TrainingCheckpointer`'s own "resumed from
+    <file> at epoch N, iteration M" line (the state is restored at ``STARTED``, after ignite's line).
+    """
+
+    PREFIX = "Engine run resuming from iteration 0,"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Engine run resuming from iteration 0, epoch 0 ")
+        return not record.getMessage().startswith(self.PREFIX)
+
+    def attach(self, engine: Engine) -> None:
+        if not any(isinstance(f, ResumeLogFilter) for f in engine.logger.filters):
+            engine.logger.addFilter(self)
 
 
 class TrainingCheckpointer:
@@ -218,8 +237,7 @@ class TrainingCheckpointer:
             self.save_dict[self.engine_key] = engine
         # ignite logs "resuming from iteration 0, epoch 0" before STARTED on every run, fresh or resumed (the state
         # is restored at STARTED, below): misleading, so dropped; our own line says where a resumed run starts
-        if not any(isinstance(f, _FreshStateResumeFilter) for f in engine.logger.filters):
-            engine.logger.addFilter(_FreshStateResumeFilter())
+        ResumeLogFilter().attach(engine)
         scaler = getattr(engine, "scaler", None)  # MONAI trainers with amp=True on CUDA
         if scaler is not None and hasattr(scaler, "state_dict") and "scaler" not in self.save_dict:
             self.save_dict["scaler"] = scaler
@@ -310,6 +328,18 @@ class TrainingCheckpointer:
         )
 
 
+def format_duration(seconds: float) -> str:
+    """``"45s"``, ``"12m 30s"``, ``"2h 05m"`` (seconds rounded up, so a budget shows ``"1s"`` until it is spent)."""
+    total = max(0, math.ceil(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
 class TimeBudget:
     """Stop training after ``seconds`` of wall-clock time or at iteration ``iterations``, checked every iteration;
     the trainer then completes normally, so the state and the final checkpoint are written. ``None`` or <= 0
@@ -320,6 +350,11 @@ class TimeBudget:
     one scalar per iteration) and all stop after the same iteration. The iteration limit counts the engine's total
     iterations (restored on resume), so a resumed run stops at the same model as an uninterrupted one, and two
     runs with the same limit are comparable whatever else loads the machine.
+
+    With a limit, the epoch total (``num_epochs``, often set huge so that the budget rules) means nothing, so what
+    is left is shown instead: ``engine.state.budget_left`` holds it as text (``"12m 30s left, iteration 120/500"``,
+    updated every iteration; :class:`ProgressBar` shows it instead of the epoch total) and every epoch end logs it
+    (``epoch 5: 12m 30s left, iteration 120/500``).
 
     Args:
         seconds: the wall-clock budget, counted from the engine's ``STARTED`` event.
@@ -336,9 +371,25 @@ class TimeBudget:
             engine.add_event_handler(Events.STARTED, self._started)
             engine.add_event_handler(Events.ITERATION_STARTED, self._already_done)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_left)
+
+    def left(self, engine: Engine) -> str:
+        """What is left of the budget: ``"12m 30s left"``, ``"iteration 120/500"`` or both."""
+        parts = []
+        if self.seconds is not None:
+            elapsed = time.monotonic() - self._start if self._start is not None else 0.0
+            parts.append(f"{format_duration(self.seconds - elapsed)} left")
+        if self.iterations is not None:
+            parts.append(f"iteration {min(engine.state.iteration, self.iterations)}/{self.iterations}")
+        return ", ".join(parts)
 
     def _started(self, engine: Engine) -> None:
         self._start = time.monotonic()
+        engine.state.budget_left = self.left(engine)
+
+    def _log_left(self, engine: Engine) -> None:
+        if is_main_process():
+            logger.info("epoch %d: %s", engine.state.epoch, self.left(engine))
 
     def _already_done(self, engine: Engine) -> None:
         # a run resumed at (or past) the limit: ignite skips the iteration that is terminated here
@@ -356,6 +407,7 @@ class TimeBudget:
             flag = torch.tensor([1.0 if stop else 0.0], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item() > 0)
+        engine.state.budget_left = self.left(engine)
         if stop:
             logger.info("time budget of %s s reached at iteration %d: stopping", self.seconds, engine.state.iteration)
             engine.terminate()
@@ -460,7 +512,13 @@ class ReconstructionSaver:
 
 
 class ProgressBar:
-    """ignite's tqdm ``ProgressBar`` showing the running loss; ``attach(engine)`` form for MONAI handler lists.
+    """A tqdm progress bar of the epoch's iterations showing the running loss; ``attach(engine)`` form for MONAI
+    handler lists.
+
+    It looks like ignite's ``ProgressBar`` (``Epoch [5/100]: [30/120]  25%|##   , loss=0.0312 [00:04<00:12]``), except
+    under a :class:`TimeBudget`: the epoch total is then meaningless (``num_epochs`` is set huge so that the budget
+    rules), so the description shows the epoch and what is left of the budget instead
+    (``Epoch 5 (12m 30s left): [30/120] ...``). A one-epoch engine (an evaluator) shows ``Iteration``.
 
     Args:
         loss_key: key of the loss in the engine output (a dict when the trainer runs with ``decollate=False``).
@@ -468,10 +526,14 @@ class ProgressBar:
         enabled: attach nothing when False (e.g. ``--progress False`` for logs without bars).
     """
 
+    #: ignite's bar format
+    BAR_FORMAT = "{desc}[{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}{postfix} [{elapsed}<{remaining}]"
+
     def __init__(self, loss_key: str = "loss", persist: bool = False, enabled: bool = True) -> None:
         self.loss_key = loss_key
         self.persist = persist
         self.enabled = bool(enabled)
+        self._bar: Any = None
 
     def _output(self, output: Any) -> dict[str, float]:
         if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
@@ -480,8 +542,45 @@ class ProgressBar:
             return {self.loss_key: float(torch.as_tensor(output[self.loss_key]).detach())}
         return {}
 
-    def attach(self, engine: Engine) -> None:
-        from ignite.handlers import ProgressBar as IgniteProgressBar
+    @staticmethod
+    def description(engine: Engine) -> str:
+        """``Epoch 5 (12m 30s left)`` under a budget, ``Epoch [5/100]`` without, ``Iteration`` for one epoch."""
+        state = engine.state
+        left = getattr(state, "budget_left", None)
+        if left:
+            return f"Epoch {state.epoch} ({left})"
+        if state.max_epochs is not None and state.max_epochs > 1:
+            return f"Epoch [{state.epoch}/{state.max_epochs}]"
+        return "Iteration"
 
+    def attach(self, engine: Engine) -> None:
         if self.enabled and is_main_process():
-            IgniteProgressBar(persist=self.persist).attach(engine, output_transform=self._output)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._advance)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._close)
+            engine.add_event_handler(Events.COMPLETED, self._close)  # a run terminated mid-epoch
+
+    def _advance(self, engine: Engine) -> None:
+        length = engine.state.epoch_length
+        n = (engine.state.iteration - 1) % length + 1 if length else engine.state.iteration
+        postfix = self._output(engine.state.output)
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=length,
+                initial=n,
+                leave=self.persist,
+                bar_format=self.BAR_FORMAT,
+                desc=f"{self.description(engine)}: ",  # as set_description writes it
+                postfix=postfix or None,
+            )
+            return
+        self._bar.set_description(self.description(engine), refresh=False)
+        if postfix:
+            self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(n - self._bar.n)
+
+    def _close(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

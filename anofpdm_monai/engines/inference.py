@@ -33,6 +33,7 @@ from ..data.preprocessing import source_axial_index, unwrap_transform_error
 from ..data.writers import input_record
 from ..io import first_line, release_output_lock, write_json
 from .distributed import gather_objects, rank_and_world
+from .handlers import ResumeLogFilter
 
 __all__ = ["CaseDataset", "VolumePrepareBatch", "CaseEvaluator", "InferenceSummary", "InferenceFailures"]
 
@@ -132,6 +133,7 @@ class CaseEvaluator(SupervisedEvaluator):
         self.done: list[str] = []
         self.failed: dict[str, str] = {}
         self.add_event_handler(Events.STARTED, self._reset)
+        ResumeLogFilter().attach(self)  # MONAI's Evaluator.run makes ignite log every run as "resuming"
 
     def _reset(self, engine: Engine) -> None:
         self.done, self.failed = [], {}
