@@ -4,9 +4,11 @@ per-slice metrics and figures of AnoFPDM against the baselines (:class:`~anofpdm
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ignite.engine import Engine
 
 from ..calibration import Calibration
 from ..data import SliceDataset
@@ -14,7 +16,7 @@ from ..evaluation import METHODS, Evaluator
 from ..io import ensure_writable_dir
 from ..networks import check_classifier_fits, load_classifier, load_network
 
-__all__ = ["run_evaluation"]
+__all__ = ["run_evaluation", "summary_metrics", "EvaluationRun"]
 
 
 def run_evaluation(
@@ -78,3 +80,36 @@ def run_evaluation(
         **evaluator_kwargs,
     )
     return evaluator.run()
+
+
+def summary_metrics(summary: Mapping[str, Any] | None) -> dict[str, float]:
+    """The metrics of an evaluation summary (``summary.json``) as one flat mapping: ``<method>/<metric>`` (the mean over
+    seeds) and ``<method>/<metric>_std``. Empty for None (a rank other than 0 of a distributed evaluation)."""
+    out: dict[str, float] = {}
+    for method, entry in ((summary or {}).get("methods") or {}).items():
+        for name, value in (entry.get("metrics") or {}).items():
+            out[f"{method}/{name}"] = float(value["mean"])
+            out[f"{method}/{name}_std"] = float(value["std"])
+    return out
+
+
+class EvaluationRun(Engine):
+    """An evaluation (``evaluation``: a callable returning the summary, e.g. :func:`run_evaluation` with its
+    arguments bound) as a one-iteration ignite engine, so that MONAI's engine handlers attach to it: ``evaluate.json``'s
+    ``handlers``, to which ``--tracking`` adds an MLflow handler. When the epoch completes, ``state.metrics`` holds
+    :func:`summary_metrics` of the summary and ``state.output`` the summary; :meth:`run` returns it."""
+
+    def __init__(self, evaluation: Callable[[], Mapping[str, Any] | None], val_handlers: Sequence[Any] = ()) -> None:
+        super().__init__(self._evaluate)
+        self.evaluation = evaluation
+        for handler in val_handlers or ():
+            handler.attach(self)
+
+    def _evaluate(self, engine: Engine, batch: Any) -> Mapping[str, Any] | None:
+        summary = self.evaluation()
+        engine.state.metrics = summary_metrics(summary)
+        return summary
+
+    def run(self) -> Mapping[str, Any] | None:  # type: ignore[override]  # MONAI's workflows: run() without data
+        """Run the evaluation once; its summary (None on a rank other than 0 of a distributed run)."""
+        return super().run([None], max_epochs=1).output

@@ -204,8 +204,8 @@ def _is_option(key: str, default: Any) -> bool:
         return True
     if key in _STRUCTURE or key.startswith("_") or _monai_syntax(default) or isinstance(default, dict):
         return False
-    if isinstance(default, list):
-        return all(not isinstance(v, (dict, list)) and not _monai_syntax(v) for v in default)
+    if isinstance(default, list):  # an empty one is a list of components to fill (evaluate.json's handlers)
+        return bool(default) and all(not isinstance(v, (dict, list)) and not _monai_syntax(v) for v in default)
     return True
 
 
@@ -273,6 +273,37 @@ def _suggestion(key: str, names: Sequence[str]) -> str:
     return f" (did you mean --{close[0]}?)" if close else " (--help lists the options)"
 
 
+def _tracking_keys(tracking: Any, defaults: Mapping[str, Any]) -> set[str]:
+    """The keys that MONAI's ``--tracking`` settings (a built-in name, a settings file or a mapping) add to the config,
+    settable like options. MONAI's built-in ``mlflow`` settings are refused for a training workflow: they read the
+    loss from a decollated output and fail at the first iteration on the bundles' trainers (``decollate=False``)."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+    keys = {k for settings in DEFAULT_EXP_MGMT_SETTINGS.values() for k in settings.get("configs", {})}
+    if isinstance(tracking, str) and tracking in DEFAULT_EXP_MGMT_SETTINGS:
+        train = defaults.get("train")
+        if tracking == "mlflow" and isinstance(train, Mapping) and "trainer" in train:
+            from ..bundle import repository_root
+
+            settings = repository_root() / "bundles" / "common" / "configs" / "mlflow.json"
+            raise ValueError(
+                "--tracking mlflow: MONAI's default MLflow settings cannot read this trainer's loss (its output is "
+                f"not decollated); use --tracking {settings} (docs/tracking.md)"
+            )
+        return keys
+    if isinstance(tracking, Mapping):
+        settings_ = tracking
+    else:
+        paths = [str(p) for p in tracking] if isinstance(tracking, (list, tuple)) else [str(tracking)]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            names = list(DEFAULT_EXP_MGMT_SETTINGS)
+            raise ValueError(f"--tracking {missing[0]}: no such settings file (nor one of MONAI's: {names})")
+        settings_ = ConfigParser.load_config_files(paths)
+    return keys | set(settings_.get("configs", {}))
+
+
 def check(files: Sequence[str | os.PathLike], overrides: Mapping[str, Any]) -> None:
     """Refuse, in one line, an option of ``overrides`` that the config ``files`` do not define, a value of the wrong
     type, or a bad AnoFPDM option; MONAI's own arguments (:data:`RUN_ARGUMENTS`) and ``--help`` pass.
@@ -283,10 +314,7 @@ def check(files: Sequence[str | os.PathLike], overrides: Mapping[str, Any]) -> N
     defaults = config_defaults(files)
     allowed = set(RUN_ARGUMENTS) | set(HELP_KEYS)
     if overrides.get("tracking") is not None:  # MONAI's tracking settings are passed as overrides too
-        from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
-
-        for settings in DEFAULT_EXP_MGMT_SETTINGS.values():
-            allowed |= set(settings.get("configs", {}))
+        allowed |= _tracking_keys(overrides["tracking"], defaults)
     given = {k: v for k, v in overrides.items() if k not in allowed}
     names = sorted({_top(k) for k in defaults} | {"_meta_"})
     for key in given:
