@@ -10,6 +10,15 @@ Two families of metrics live here:
 * principled complements: the pooled pixel AUPRC over every brain pixel of the test set
   (:class:`PooledAUPRC`, :func:`pooled_auprc`) and the per-volume 3D Dice (:func:`volume_dice`).
 
+The accumulating metrics are also MONAI ``CumulativeIterationMetric`` s, for ``monai.handlers.IgniteMetricHandler``
+and MONAI evaluators: :class:`SliceDiceMetric`, :class:`SliceIoUMetric`, :class:`PooledAUPRC`,
+:class:`BatchedAUPRCMetric` and :class:`VolumeDiceMetric`. Called as ``metric(y_pred, y)`` (batch-first tensors or
+lists of channel-first ones, e.g. decollated items), the AUPRC metrics take the anomaly map as ``y_pred`` (one
+channel) and the ground truth as channel 0 of ``y``; the brain mask, when the AUPRC is restricted to brain pixels,
+travels as channel 1 of ``y`` (``y = cat([label, brain], dim=channel)``, e.g. with MONAI's ``ConcatItemsd``), since
+MONAI metrics only receive ``(y_pred, y)``. Zeroing the map outside the brain would not do: those pixels would still
+count as negatives.
+
 Conventions:
     * Inputs are numpy arrays or torch tensors (any device, any dtype); they are converted to
       numpy. The first axis indexes slices: masks ``pred``/``gt``, anomaly maps ``maps`` and brain
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 from monai.config import NdarrayOrTensor
 from monai.metrics import CumulativeIterationMetric
-from monai.utils import convert_to_numpy
+from monai.utils import convert_to_numpy, evenly_divisible_all_gather
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 __all__ = [
@@ -44,9 +53,11 @@ __all__ = [
     "SliceDiceMetric",
     "SliceIoUMetric",
     "batched_auprc",
+    "BatchedAUPRCMetric",
     "PooledAUPRC",
     "pooled_auprc",
     "volume_dice",
+    "VolumeDiceMetric",
     "classification_metrics",
     "segmentation_metrics",
     "aggregate_over_seeds",
@@ -331,7 +342,96 @@ def batched_auprc(
     return float(np.average(values, weights=batch_weights))
 
 
-class PooledAUPRC:
+class BatchedAUPRCMetric(CumulativeIterationMetric):
+    """The protocol's batched pixel AUPRC (:func:`batched_auprc`) as a MONAI cumulative metric.
+
+    Each call ``metric(y_pred, y)`` buffers its slices: ``y_pred`` the ``(B, 1, H, W)`` anomaly maps (kept in their
+    dtype, on the CPU), ``y`` the ground truth as channel 0 and, optionally, the brain mask as channel 1 (stored as
+    bool; use the same number of channels in every call). :meth:`aggregate` shuffles all buffered slices, in the
+    order they were added (rank after rank under ``torch.distributed``), with the seeded permutation of
+    :func:`batched_auprc` and averages the AP of batches of ``batch_size`` slices; a float64 scalar tensor, NaN
+    when no batch has a positive pixel. The value depends on the order of the slices, like the function's.
+
+    Args:
+        batch_size: slices per batch (official: 100).
+        seed: seed of the slice permutation.
+        unhealthy: the official "unhealthy" setting: only slices with a non-empty ground truth enter their batch,
+            and each batch is weighted by their number (:func:`batched_auprc` with ``weights`` the slice labels,
+            i.e. ``gt.any()`` per slice); False: the "mixed" setting.
+
+    Memory: the whole test set's maps are buffered (an exact value needs every slice); for a large test set prefer
+    :class:`PooledAUPRC`, which keeps 4 bytes per brain pixel, and give ``IgniteMetricHandler`` ``save_details=False``
+    (its ``metric_details`` would hold a copy of the buffered maps).
+    """
+
+    def __init__(self, batch_size: int = 100, seed: int = 0, unhealthy: bool = False) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        self.unhealthy = bool(unhealthy)
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:  # type: ignore[override]
+        if y is None:
+            raise ValueError("the ground truth y is required")
+        _map_and_label(y_pred, y)  # validates the shapes
+        if not bool(((y == 0) | (y == 1)).all()):
+            raise ValueError("`y` must hold binary masks (bool or 0/1 values)")
+        return [y_pred.cpu(), y.bool().cpu()]
+
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        data = self.get_buffer()
+        if not isinstance(data, list):
+            raise ValueError("the metric buffer holds no data: call the metric on data first")
+        maps, gt, brain = _map_and_label(data[0], data[1])
+        weights = gt.reshape(gt.shape[0], -1).any(dim=1) if self.unhealthy else None
+        value = batched_auprc(maps, gt, brain, self.batch_size, self.seed, weights=weights)
+        return torch.tensor(value, dtype=torch.float64)
+
+
+def _map_and_label(
+    y_pred: torch.Tensor, y: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Split the ``(y_pred, y)`` of an AUPRC metric call into ``(maps, gt, brain)`` of shape ``(B, ...)``.
+
+    ``y_pred``: ``(B, 1, ...)`` anomaly maps; ``y``: ``(B, 1, ...)`` ground truth or ``(B, 2, ...)`` ground truth and
+    brain mask (channel 1); brain is None for a one-channel ``y``.
+    """
+    if y is None:
+        raise ValueError("the ground truth y is required")
+    if y_pred.ndim < 3 or y_pred.shape[1] != 1:
+        raise ValueError(f"y_pred must be (B, 1, ...) anomaly maps, got shape {tuple(y_pred.shape)}")
+    if y.ndim != y_pred.ndim or y.shape[1] not in (1, 2) or y.shape[0] != y_pred.shape[0]:
+        raise ValueError(
+            f"y must be (B, 1, ...) ground truth or (B, 2, ...) ground truth and brain mask matching y_pred "
+            f"{tuple(y_pred.shape)}, got shape {tuple(y.shape)}"
+        )
+    if y.shape[2:] != y_pred.shape[2:]:
+        raise ValueError(f"shape mismatch: y_pred {tuple(y_pred.shape)}, y {tuple(y.shape)}")
+    return y_pred[:, 0], y[:, 0], (y[:, 1] if y.shape[1] == 2 else None)
+
+
+def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Step-wise AP of ascending-sorted positive and negative scores (NaN without positives), as scikit-learn's."""
+    n_pos = pos.size
+    if n_pos == 0:
+        return math.nan
+    desc = pos[::-1]
+    # last index of each run of equal positive scores = distinct thresholds where recall steps
+    last = np.append(np.flatnonzero(desc[1:] != desc[:-1]), n_pos - 1)
+    thresholds = desc[last]
+    tps = (last + 1).astype(np.float64)  # positives scoring >= threshold
+    fps = (neg.size - np.searchsorted(neg, thresholds, side="left")).astype(np.float64)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    # same orientation and formula as sklearn: recall decreasing with a final 0
+    recall_rev = np.append(recall[::-1], 0.0)
+    ap = -np.sum(np.diff(recall_rev) * precision[::-1])
+    return float(max(0.0, ap))
+
+
+class PooledAUPRC(CumulativeIterationMetric):
     """Pooled pixel AUPRC (average precision) over all brain pixels of a test set.
 
     Accumulates brain pixels over any number of :meth:`update` calls (float32 scores, split by
@@ -346,6 +446,14 @@ class PooledAUPRC:
     Scores are stored as float32: float64 maps whose values differ only beyond float32 precision
     become ties.
 
+    A MONAI ``CumulativeIterationMetric``: ``metric(y_pred, y)`` (what ``IgniteMetricHandler`` calls) adds a batch
+    like :meth:`update`, with the ``(B, 1, ...)`` maps as ``y_pred`` and the ground truth as channel 0 of ``y``; the
+    brain mask travels as channel 1 of ``y`` (a one-channel ``y`` evaluates all pixels). :meth:`aggregate` returns
+    :meth:`compute`'s value as a float64 tensor after gathering the pixels of every distributed rank (call it on all
+    ranks); :meth:`compute`, :meth:`precision_recall_curve`, :attr:`n_positive` and :attr:`n_negative` use this
+    process's pixels. The pixels are kept outside MONAI's per-item buffers (which stack equal-shaped items):
+    those hold each slice's ``(n_positive, n_negative)`` counts, the handler's ``metric_details``.
+
     Example::
 
         metric = PooledAUPRC()
@@ -353,16 +461,19 @@ class PooledAUPRC:
             metric.update(maps, gt, brain)
         ap = metric.compute()
         precision, recall, thresholds = metric.precision_recall_curve()
+
+        handler = IgniteMetricHandler(PooledAUPRC(), output_transform=lambda out: (maps, cat([label, brain], 1)))
     """
 
     def __init__(self) -> None:
         self._pos: list[np.ndarray] = []
         self._neg: list[np.ndarray] = []
         self._sorted = True
-        self.reset()
+        super().__init__()  # calls reset()
 
     def reset(self) -> None:
         """Forget all accumulated pixels."""
+        super().reset()
         self._pos = []
         self._neg = []
         self._sorted = True
@@ -388,6 +499,10 @@ class PooledAUPRC:
         Raises:
             ValueError: on mismatched shapes, non-binary masks or non-finite maps.
         """
+        self.extend(self._add(maps, gt, brain))
+
+    def _add(self, maps: NdarrayOrTensor, gt: NdarrayOrTensor, brain: NdarrayOrTensor | None) -> torch.Tensor:
+        """Store the brain pixels of a batch; return each slice's ``(n_positive, n_negative)``, shape ``(N, 2)``."""
         scores = _as_scores(maps, "maps")
         labels = _as_mask(gt, "gt")
         _check_same_shape(maps=scores, gt=labels)
@@ -400,6 +515,24 @@ class PooledAUPRC:
         self._pos.append(scores32[pos])
         self._neg.append(scores32[neg])
         self._sorted = False
+        return torch.from_numpy(np.stack([pos.sum(axis=1), neg.sum(axis=1)], axis=1).astype(np.int64))
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        maps, gt, brain = _map_and_label(y_pred, y)
+        return self._add(maps, gt, brain)
+
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        """The AP over the pixels of all distributed ranks (this process's alone without ``torch.distributed``), a
+        float64 scalar tensor; NaN without positive pixels. Every rank must call it (it is a collective)."""
+        pos, neg = self._sorted_scores()
+        gathered = []
+        for local in (pos, neg):
+            merged = evenly_divisible_all_gather(torch.from_numpy(local), concat=True)
+            if merged.shape[0] != local.shape[0]:  # other ranks' pixels were added: re-sort
+                local = merged.cpu().numpy()
+                local.sort()
+            gathered.append(local)
+        return torch.tensor(_average_precision(*gathered), dtype=torch.float64)
 
     def _sorted_scores(self) -> tuple[np.ndarray, np.ndarray]:
         """Consolidate the stored chunks into two ascending-sorted arrays (cached)."""
@@ -421,22 +554,7 @@ class PooledAUPRC:
             The AP (equal to scikit-learn's ``average_precision_score`` on the same pixels), or
             NaN when no positive pixel was accumulated.
         """
-        pos, neg = self._sorted_scores()
-        n_pos = pos.size
-        if n_pos == 0:
-            return math.nan
-        desc = pos[::-1]
-        # last index of each run of equal positive scores = distinct thresholds where recall steps
-        last = np.append(np.flatnonzero(desc[1:] != desc[:-1]), n_pos - 1)
-        thresholds = desc[last]
-        tps = (last + 1).astype(np.float64)  # positives scoring >= threshold
-        fps = (neg.size - np.searchsorted(neg, thresholds, side="left")).astype(np.float64)
-        precision = tps / (tps + fps)
-        recall = tps / tps[-1]
-        # same orientation and formula as sklearn: recall decreasing with a final 0
-        recall_rev = np.append(recall[::-1], 0.0)
-        ap = -np.sum(np.diff(recall_rev) * precision[::-1])
-        return float(max(0.0, ap))
+        return _average_precision(*self._sorted_scores())
 
     def precision_recall_curve(self, max_points: int | None = 2000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Precision-recall curve in the format of ``sklearn.metrics.precision_recall_curve``.
@@ -543,6 +661,49 @@ def volume_dice(
     dice = (2.0 * sums[0] + smooth) / (sums[1] + sums[2] + smooth)
     per_case = {str(c): float(d) for c, d in zip(cases, dice)}
     return per_case, _safe_mean(dice)
+
+
+class VolumeDiceMetric(CumulativeIterationMetric):
+    """The per-volume 3D Dice (:func:`volume_dice`) as a MONAI cumulative metric: each item is one whole case.
+
+    Each call ``metric(y_pred, y)`` takes binary masks of shape ``(B, ...)`` (e.g. ``(B, 1, H, W, D)`` volumes, or
+    the decollated channel-first items of a volume evaluator) and buffers, per item, ``|P & G|``, ``|P|`` and
+    ``|G|`` summed over all its pixels (integers, so distributed gathering is exact and cheap).
+    :meth:`aggregate` returns a float64 tensor:
+
+    * ``reduction="mean"``: the mean over items of ``(2|P & G| + s) / (|P| + |G| + s)``, the value of
+      ``volume_dice(slices, gt, case_ids)[1]`` when each item holds one case's slices;
+    * ``"none"``: one Dice per item, in the order added;
+    * ``"pooled"``: one unsmoothed Dice over all pixels of all items, :func:`pooled_dice`.
+
+    Args:
+        reduction: ``"mean"``, ``"none"`` or ``"pooled"``.
+        smooth: smoothing term ``s`` (``"mean"`` and ``"none"``).
+    """
+
+    def __init__(self, reduction: str = "mean", smooth: float = DEFAULT_SMOOTH) -> None:
+        super().__init__()
+        if reduction not in ("mean", "none", "pooled"):
+            raise ValueError(f"reduction must be 'mean', 'none' or 'pooled', got {reduction!r}")
+        self.reduction = reduction
+        self.smooth = smooth
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if y is None:
+            raise ValueError("the ground truth y is required")
+        inter, n_pred, n_gt = _overlap_counts(y_pred, y)
+        return torch.from_numpy(np.stack([inter, n_pred, n_gt], axis=1).astype(np.int64))
+
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the metric buffer holds no tensor: call the metric on data first")
+        inter, n_pred, n_gt = data.cpu().numpy().astype(np.float64).T
+        if self.reduction == "pooled":
+            total = float(n_pred.sum()) + float(n_gt.sum())
+            return torch.tensor(2.0 * float(inter.sum()) / total if total > 0 else 1.0, dtype=torch.float64)
+        dice = (2.0 * inter + self.smooth) / (n_pred + n_gt + self.smooth)
+        return torch.tensor(_safe_mean(dice) if self.reduction == "mean" else dice, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
