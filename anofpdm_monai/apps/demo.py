@@ -132,7 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "synthetic lesions, through the ATLAS bundle configs.",
     )
     parser.add_argument("--output_dir", default="demo_output", help="where everything is written")
-    parser.add_argument("--train_minutes", type=float, default=5.5, help="wall-clock training budget")
+    parser.add_argument(
+        "--train_iterations",
+        type=int,
+        default=600,
+        help="training iterations: the same model on any machine (0: train for --train_minutes)",
+    )
+    parser.add_argument(
+        "--train_minutes", type=float, default=20.0, help="wall-clock cap on training (stops earlier iterations)"
+    )
     parser.add_argument("--image_size", type=int, default=32, help="model resolution (32 keeps the demo CPU-cheap)")
     parser.add_argument("--template_mm", type=int, default=3, help="voxel size of the MNI template subjects")
     parser.add_argument("--network_size", default="small")
@@ -161,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t = _step(
         f"2/6 training ({args.network_size} network, {args.image_size}x{args.image_size}, "
-        f"{args.train_minutes:g} min budget)"
+        + (f"{args.train_iterations} iterations, at most " if args.train_iterations > 0 else "")
+        + f"{args.train_minutes:g} min)"
     )
     if (model_dir / "model.pt").is_file() and not args.retrain:
         print(f"reusing the trained model {model_dir / 'model.pt'} (use --retrain to train again)")
@@ -177,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             num_epochs=10000,
             time_limit=int(args.train_minutes * 60),
+            max_iterations=args.train_iterations if args.train_iterations > 0 else None,
             learning_rate=2e-4,
             ema_decay=0.995,
             ema_warmup_iters=200,
