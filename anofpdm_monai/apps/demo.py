@@ -139,7 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="training iterations: the same model on any machine (0: train for --train_minutes)",
     )
     parser.add_argument(
-        "--train_minutes", type=float, default=20.0, help="wall-clock cap on training (stops earlier iterations)"
+        "--train_minutes",
+        type=float,
+        default=20.0,
+        help="wall-clock cap on training (it stops before --train_iterations when reached)",
     )
     parser.add_argument("--image_size", type=int, default=32, help="model resolution (32 keeps the demo CPU-cheap)")
     parser.add_argument("--template_mm", type=int, default=3, help="voxel size of the MNI template subjects")
