@@ -220,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = _step("4/6 inference on the test subjects (NIfTI maps on the input grid)")
     _run_bundle(
         "inference",
-        **common,
+        dataset_dir=common["dataset_dir"],  # inference reads the volumes themselves: no slice cache
+        datalist=common["datalist"],
         checkpoint=checkpoint,
         calibration=str(out / "calibration.json"),
         output_dir=str(inference_dir),
