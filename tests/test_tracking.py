@@ -58,6 +58,18 @@ def tracked(tmp_path_factory) -> dict:
         run_workflow(BUNDLE, "train", output_dir=str(root / "model"), **common, **SMALL_TRAIN)
         run_workflow(
             BUNDLE,
+            "calibrate",
+            output_dir=str(root / "cal"),
+            checkpoint=str(root / "model" / "model.pt"),
+            guidance_scales=[1.0],
+            t_max=100,
+            stride=50,
+            progress=False,
+            device="cpu",
+            **common,
+        )
+        run_workflow(
+            BUNDLE,
             "evaluate",
             output_dir=str(root / "eval"),
             checkpoint=str(root / "model" / "model.pt"),
@@ -73,8 +85,8 @@ def tracked(tmp_path_factory) -> dict:
     experiment = client.get_experiment_by_name(BUNDLE)
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    assert len(runs) == 2, [r.info.run_name for r in runs]
-    return {"client": client, "train": runs[0], "evaluate": runs[1], "root": root}
+    assert len(runs) == 3, [r.info.run_name for r in runs]
+    return {"client": client, "train": runs[0], "calibrate": runs[1], "evaluate": runs[2], "root": root}
 
 
 def _artifacts(client, run) -> list[str]:
@@ -115,6 +127,15 @@ def test_evaluation_logs_metrics_and_the_summary_table(tracked):
     assert any(f.startswith("config_") for f in files), files
     table = Path(client.download_artifacts(run.info.run_id, "summary.md")).read_text()
     assert table == (tracked["root"] / "eval" / "evaluation" / "summary.md").read_text()
+
+
+def test_calibration_logs_its_options_and_the_calibration_file(tracked):
+    client, run = tracked["client"], tracked["calibrate"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["stride"] == "50" and run.data.params["guidance_scales"] == "[1.0]"
+    assert "calibration.json" in _artifacts(client, run)
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "calibration.json")).read_text())
+    assert logged == json.loads((tracked["root"] / "cal" / "calibration.json").read_text())
 
 
 def test_monai_default_mlflow_settings_are_refused_for_training_in_one_line():
