@@ -134,6 +134,17 @@ def _overlap_counts(pred: NdarrayOrTensor, gt: NdarrayOrTensor) -> tuple[np.ndar
     return np.logical_and(p, g).sum(axis=1), p.sum(axis=1), g.sum(axis=1)
 
 
+def _dice_from_counts(inter: np.ndarray, n_pred: np.ndarray, n_gt: np.ndarray, smooth: float) -> np.ndarray:
+    """The smoothed Dice ``(2|P & G| + s) / (|P| + |G| + s)`` of overlap counts, elementwise."""
+    return (2.0 * inter + smooth) / (n_pred + n_gt + smooth)
+
+
+def _pooled_dice_from_counts(inter: np.ndarray, n_pred: np.ndarray, n_gt: np.ndarray) -> float:
+    """One unsmoothed Dice over all counts, ``2 sum|P & G| / (sum|P| + sum|G|)``; 1 when both are empty."""
+    total = float(n_pred.sum()) + float(n_gt.sum())
+    return 2.0 * float(inter.sum()) / total if total > 0 else 1.0
+
+
 def _safe_mean(x: np.ndarray) -> float:
     """Mean of ``x``, NaN (without a warning) when ``x`` is empty."""
     return float(np.mean(x)) if x.size else math.nan
@@ -161,16 +172,13 @@ def dice_per_slice(pred: NdarrayOrTensor, gt: NdarrayOrTensor, smooth: float = D
     Raises:
         ValueError: on mismatched shapes or non-binary masks.
     """
-    inter, n_pred, n_gt = _overlap_counts(pred, gt)
-    return (2.0 * inter + smooth) / (n_pred + n_gt + smooth)
+    return _dice_from_counts(*_overlap_counts(pred, gt), smooth)
 
 
 def pooled_dice(pred: NdarrayOrTensor, gt: NdarrayOrTensor) -> float:
     """One Dice over all pixels of all given slices, ``2 sum|P & G| / (sum|P| + sum|G|)``, without smoothing: 1 when
     both are empty, and exactly 0 for an empty prediction of a non-empty truth (the pixel-label tuning objective)."""
-    inter, n_pred, n_gt = _overlap_counts(pred, gt)
-    total = float(n_pred.sum()) + float(n_gt.sum())
-    return 2.0 * float(inter.sum()) / total if total > 0 else 1.0
+    return _pooled_dice_from_counts(*_overlap_counts(pred, gt))
 
 
 def iou_per_slice(pred: NdarrayOrTensor, gt: NdarrayOrTensor, smooth: float = DEFAULT_SMOOTH) -> np.ndarray:
@@ -373,9 +381,7 @@ class BatchedAUPRCMetric(CumulativeIterationMetric):
         self.unhealthy = bool(unhealthy)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:  # type: ignore[override]
-        if y is None:
-            raise ValueError("the ground truth y is required")
-        _map_and_label(y_pred, y)  # validates the shapes
+        _map_and_label(y_pred, y)  # validates y and the shapes
         if not bool(((y == 0) | (y == 1)).all()):
             raise ValueError("`y` must hold binary masks (bool or 0/1 values)")
         return [y_pred.cpu(), y.bool().cpu()]
@@ -658,7 +664,7 @@ def volume_dice(
         raise ValueError(f"`case_ids` must have one entry per slice ({inter.shape[0]}), got {ids.shape[0]}")
     cases, inverse = np.unique(ids, return_inverse=True)
     sums = [np.bincount(inverse, weights=v, minlength=cases.size) for v in (inter, n_pred, n_gt)]
-    dice = (2.0 * sums[0] + smooth) / (sums[1] + sums[2] + smooth)
+    dice = _dice_from_counts(*sums, smooth)
     per_case = {str(c): float(d) for c, d in zip(cases, dice)}
     return per_case, _safe_mean(dice)
 
@@ -700,9 +706,8 @@ class VolumeDiceMetric(CumulativeIterationMetric):
             raise ValueError("the metric buffer holds no tensor: call the metric on data first")
         inter, n_pred, n_gt = data.cpu().numpy().astype(np.float64).T
         if self.reduction == "pooled":
-            total = float(n_pred.sum()) + float(n_gt.sum())
-            return torch.tensor(2.0 * float(inter.sum()) / total if total > 0 else 1.0, dtype=torch.float64)
-        dice = (2.0 * inter + self.smooth) / (n_pred + n_gt + self.smooth)
+            return torch.tensor(_pooled_dice_from_counts(inter, n_pred, n_gt), dtype=torch.float64)
+        dice = _dice_from_counts(inter, n_pred, n_gt, self.smooth)
         return torch.tensor(_safe_mean(dice) if self.reduction == "mean" else dice, dtype=torch.float64)
 
 

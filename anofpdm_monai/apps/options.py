@@ -284,9 +284,9 @@ def _tracking_keys(tracking: Any, defaults: Mapping[str, Any]) -> set[str]:
     if isinstance(tracking, str) and tracking in DEFAULT_EXP_MGMT_SETTINGS:
         train = defaults.get("train")
         if tracking == "mlflow" and isinstance(train, Mapping) and "trainer" in train:
-            from ..bundle import repository_root
+            from .tracking import settings_file
 
-            settings = repository_root() / "bundles" / "common" / "configs" / "mlflow.json"
+            settings = settings_file()
             raise ValueError(
                 "--tracking mlflow: MONAI's default MLflow settings cannot read this trainer's loss (its output is "
                 f"not decollated); use --tracking {settings} (docs/tracking.md)"
