@@ -212,7 +212,7 @@ class Runner:
         path = self.key(forward, grid, split, idx, record)
         if path.is_file():
             return dict(np.load(path))
-        if not compute:
+        if not compute or split not in self.args.splits:
             return None
         inferer = self.inferer(forward, grid)
         need_maps = split == "test"
@@ -464,6 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         help="only make these runs: ddim:<stride>, ddim:nu, ddpm (report reads the cache)",
+    )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=["validation", "test"],
+        choices=["validation", "test"],
+        help="with --run: compute only these splits (two processes can share one grid)",
     )
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)
