@@ -83,6 +83,7 @@ CALIBRATED_FIELDS = (
     "precision",
     "inversion_eps",
     "inversion_timing",
+    "measure_every",
     "calibration_subset",
     "calibration_subset_seed",
     "fixed_guidance_scale",
@@ -107,6 +108,7 @@ _OFFICIAL = {
     "precision": "fp32",
     "inversion_eps": "clipped",
     "inversion_timing": "official",
+    "measure_every": 1,  # every step measured
     "calibration_subset_seed": 0,
 }
 PRESETS: dict[str, dict[str, Any]] = {
@@ -208,6 +210,11 @@ class AnoFPDMSettings:
             ``"official"`` (the official ``calc_pred_xstart_loop``: at every step after the first, a null call on the
             previous state at step t_k, moved to level t_k + 1, so the predictions at t_k see a state one level
             ahead; one more network call of B slices per step).
+        measure_every: measure M_t, the MSE curves and S_t at every n-th grid step only (indices 0, n, 2n, ...:
+            the measured steps, on which t_e, the maps and the health score are computed); the grid steps between
+            only advance the DDIM inversion with one null call each. A fine inversion with sparse measurements:
+            ``K + ceil(K / n)`` network evaluations per slice for a K-step grid instead of ``2K``. 1 (every step)
+            is the official code's; DDIM only.
         calibration_subset: calibrate on a seeded random subset of this many validation slices (healthy and
             unhealthy alike, drawn from all of them; M_max, tau and w* all come from the subset), as the official
             code does (10 batches of 50 slices for BraTS, of 100 for ATLAS); None (the default): every validation
@@ -243,6 +250,7 @@ class AnoFPDMSettings:
     end_step_inclusive: bool = True
     inversion_eps: str = "raw"
     inversion_timing: str = "aligned"
+    measure_every: int = 1
     calibration_subset: int | None = None
     calibration_subset_seed: int = 0
     fixed_guidance_scale: float | None = None
@@ -268,6 +276,11 @@ class AnoFPDMSettings:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("inversion_eps", self.inversion_eps, INVERSION_EPS)
         check_choice("inversion_timing", self.inversion_timing, INVERSION_TIMINGS)
+        set_(self, "measure_every", _integer("measure_every", self.measure_every))
+        if self.measure_every < 1:
+            raise ValueError(f"measure_every must be >= 1, got {self.measure_every}")
+        if self.measure_every > 1 and self.forward != "ddim":
+            raise ValueError("measure_every > 1 needs forward 'ddim' (DDPM has no inversion to advance: use a stride)")
         if not isinstance(self.end_step_inclusive, bool):
             raise ValueError(f"end_step_inclusive must be true or false, got {self.end_step_inclusive!r}")
         if self.calibration_subset is not None:
@@ -307,6 +320,19 @@ class AnoFPDMSettings:
     def grid(self, num_train_timesteps: int = 1000) -> list[int]:
         """The ascending step grid for a schedule of ``num_train_timesteps`` steps."""
         return make_step_grid(self.t_max, self.stride, self.timesteps, num_train_timesteps)
+
+    def measured_grid(self, num_train_timesteps: int = 1000) -> list[int]:
+        """The grid steps where the statistics and maps are measured (every ``measure_every``-th of :meth:`grid`)."""
+        return self.grid(num_train_timesteps)[:: self.measure_every]
+
+    def network_evaluations(self, num_train_timesteps: int = 1000) -> int:
+        """Network evaluations per slice of one forward process: two (healthy and null) at each measured step, one
+        null call at each other step (``"aligned"`` inversion), plus the extra null call of every step after the
+        first with the ``"official"`` inversion timing."""
+        k, m = len(self.grid(num_train_timesteps)), len(self.measured_grid(num_train_timesteps))
+        if self.inversion_timing == "official" and self.forward == "ddim":
+            return 2 * m + (k - 1)
+        return k + m
 
     def with_grid(self, num_train_timesteps: int = 1000) -> AnoFPDMSettings:
         """The same settings with the grid written out as ``timesteps`` (what a calibration records)."""

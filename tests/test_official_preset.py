@@ -50,6 +50,7 @@ NEW_DEFAULTS = {
     "end_step_inclusive": True,
     "inversion_eps": "raw",
     "inversion_timing": "aligned",
+    "measure_every": 1,
     "calibration_subset": None,
     "calibration_subset_seed": 0,
     "fixed_guidance_scale": None,
@@ -395,6 +396,7 @@ OFFICIAL_COMMON = {
     "end_step_inclusive": False,
     "inversion_eps": "clipped",
     "inversion_timing": "official",
+    "measure_every": 1,
     "calibration_subset_seed": 0,
 }
 

@@ -104,6 +104,7 @@ OPTION_KINDS: dict[str, str] = {
     "end_step_inclusive": "bool?",
     "inversion_eps": "str?",
     "inversion_timing": "str?",
+    "measure_every": "int?",
     "calibration_subset": "int?",
     "calibration_subset_seed": "int?",
     "fixed_guidance_scale": "number?",

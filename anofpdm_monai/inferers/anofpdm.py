@@ -148,6 +148,8 @@ class AnoFPDMInferer(Inferer):
         self.guidance_scale = float(guidance_scale)
         self.map_channels = [int(c) for c in map_channels]
         self.timesteps = self.settings.grid(self.schedule.num_train_timesteps)
+        #: the steps the statistics are measured at (all of :attr:`timesteps` unless ``measure_every`` > 1)
+        self.measured_timesteps = self.settings.measured_grid(self.schedule.num_train_timesteps)
         self.m_max = None if m_max is None else torch.as_tensor(m_max, dtype=torch.float64).reshape(-1)
         if self.m_max is not None:
             expected = 1 if self.settings.end_step == "joint" else len(self.map_channels)
@@ -165,10 +167,10 @@ class AnoFPDMInferer(Inferer):
         self.baseline_curve = None
         if baseline_curve is not None:
             curve = torch.as_tensor(baseline_curve, dtype=torch.float64)
-            if tuple(curve.shape) != (len(self.timesteps), len(self.map_channels)):
+            if tuple(curve.shape) != (len(self.measured_timesteps), len(self.map_channels)):
                 raise ValueError(
-                    f"baseline_curve must be (grid steps, map channels) = "
-                    f"{(len(self.timesteps), len(self.map_channels))}, got {tuple(curve.shape)}"
+                    f"baseline_curve must be (measured grid steps, map channels) = "
+                    f"{(len(self.measured_timesteps), len(self.map_channels))}, got {tuple(curve.shape)}"
                 )
             self.baseline_curve = curve
         self.seed = seed
@@ -274,6 +276,7 @@ class AnoFPDMInferer(Inferer):
             end_inclusive=s.end_step_inclusive,
             inversion_eps=s.inversion_eps,
             inversion_timing=s.inversion_timing,
+            measure_every=s.measure_every,
         )
 
     def thresholds(self, result: ForwardProcessResult, w_index: int = 0) -> SliceThresholds:

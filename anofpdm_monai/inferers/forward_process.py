@@ -136,6 +136,7 @@ def run_forward_process(
     end_inclusive: bool = True,
     inversion_eps: str = "raw",
     inversion_timing: str = "aligned",
+    measure_every: int = 1,
 ) -> ForwardProcessResult:
     """Run the forward process once and stream every statistic AnoFPDM needs, for several w at once.
 
@@ -166,6 +167,10 @@ def run_forward_process(
         inversion_timing: ``"aligned"`` (the move to t_k reuses the null prediction of step t_{k-1}) or
             ``"official"`` (an extra null call on the previous state at t_k, moved to level t_k + 1, as the
             official ``calc_pred_xstart_loop``: the predictions at t_k see a state one level ahead).
+        measure_every: the statistics and maps are measured at every n-th grid step (indices 0, n, 2n, ...); the
+            steps between only advance the DDIM inversion, with one null call each (``"aligned"``) or none
+            (``"official"``, whose extra call already moves the state). 1: every step. DDIM only (a DDPM step
+            between measurements would be a wasted call). The result's ``timesteps`` are the measured steps.
 
     Returns:
         :class:`ForwardProcessResult`.
@@ -177,6 +182,12 @@ def run_forward_process(
     check_choice("inversion_eps", inversion_eps, INVERSION_EPS)
     check_choice("inversion_timing", inversion_timing, INVERSION_TIMINGS)
     grid = make_step_grid(timesteps=timesteps, num_train_timesteps=schedule.num_train_timesteps)
+    if isinstance(measure_every, bool) or int(measure_every) != measure_every or measure_every < 1:
+        raise ValueError(f"measure_every must be an integer >= 1, got {measure_every!r}")
+    measure_every = int(measure_every)
+    if measure_every > 1 and forward != "ddim":
+        raise ValueError("measure_every > 1 needs forward='ddim' (for DDPM use a coarser grid)")
+    measured = grid[::measure_every]
     ws = torch.as_tensor(guidance_scales, dtype=torch.float32, device=x0.device).reshape(-1)
     if ws.numel() == 0 or not bool(torch.isfinite(ws).all()) or bool((ws < 0).any()):
         raise ValueError(f"guidance scales must be non-empty, finite and >= 0, got {ws.tolist()}")
@@ -188,9 +199,9 @@ def run_forward_process(
     baseline = None
     if baseline_curve is not None:
         baseline = torch.as_tensor(baseline_curve, dtype=torch.float32, device=x0.device)
-        if tuple(baseline.shape) != (len(grid), len(channels)):
+        if tuple(baseline.shape) != (len(measured), len(channels)):
             raise ValueError(
-                f"baseline_curve must be (steps, map channels) = {(len(grid), len(channels))}, "
+                f"baseline_curve must be (measured steps, map channels) = {(len(measured), len(channels))}, "
                 f"got {tuple(baseline.shape)}"
             )
         if not bool(torch.isfinite(baseline).all()) or bool((baseline <= 0).any()):
@@ -198,7 +209,7 @@ def run_forward_process(
 
     x0 = x0.float()
     B = x0.shape[0]
-    W, K, Cm = ws.numel(), len(grid), len(channels)
+    W, K, Cm = ws.numel(), len(measured), len(channels)
     device = x0.device
     x0_map = x0[:, channels]  # (B, Cm, H, W)
     w_view = ws.view(W, 1, 1, 1, 1)
@@ -228,8 +239,8 @@ def run_forward_process(
     prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (clipped x0 of null, its noise) at the previous step
     x_prev: torch.Tensor | None = None  # the previous state (inversion_timing="official")
     sq_prev: torch.Tensor | None = None  # S_t of the previous step (end_inclusive=False)
-    for k, t in enumerate(tqdm(grid, desc="forward process", leave=False, disable=not progress)):
-        if forward == "ddpm" or k == 0:
+    for g, t in enumerate(tqdm(grid, desc="forward process", leave=False, disable=not progress)):
+        if forward == "ddpm" or g == 0:
             x_t = schedule.q_sample(x0, t, draw_noise(x0.shape, generator, device, x0.dtype))
         elif inversion_timing == "aligned":
             x_t = schedule.ddim_move(prev[0], prev[1], t)
@@ -242,6 +253,17 @@ def run_forward_process(
             if rederive:
                 e_inv = schedule.predict_eps(x_prev, t, x0_inv)
             x_t = schedule.ddim_move(x0_inv, e_inv, t + 1) if t + 1 < schedule.num_train_timesteps else e_inv
+        if g % measure_every:  # a step that only advances the inversion
+            if inversion_timing == "aligned":
+                t_null = torch.full((B,), t, device=device, dtype=torch.long)
+                with amp:
+                    e_n = network(x_t, timesteps=t_null, class_labels=null_labels).float()
+                x0_n = schedule.predict_x0(x_t, t, e_n, clip=clip)
+                prev = (x0_n, schedule.predict_eps(x_t, t, x0_n) if rederive else e_n)
+            else:
+                x_prev = x_t
+            continue
+        k = g // measure_every  # the index among the measured steps
         t_batch = torch.full((2 * B,), t, device=device, dtype=torch.long)
         with amp:
             eps = network(torch.cat([x_t, x_t]), timesteps=t_batch, class_labels=labels)
@@ -296,7 +318,7 @@ def run_forward_process(
                 sq_prev = sq_g
 
     return ForwardProcessResult(
-        timesteps=torch.as_tensor(grid, dtype=torch.long),
+        timesteps=torch.as_tensor(measured, dtype=torch.long),
         guidance_scales=ws.cpu(),
         divergence=div,
         mse_guided=mse_g,
