@@ -170,16 +170,20 @@ class Runner:
         self.cache = Path(args.output) / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
 
-    def inferer(self, forward: str, grid: Sequence[int]) -> AnoFPDMInferer:
+    def inferer(self, forward: str, grid: Sequence[int], measure_every: int = 1) -> AnoFPDMInferer:
         return AnoFPDMInferer(
-            self.settings.replace(forward=forward, timesteps=tuple(grid)),
+            self.settings.replace(forward=forward, timesteps=tuple(grid), measure_every=measure_every),
             guidance_scale=self.ws[0],
             map_channels=self.map_channels,
             scheduler=self.info["schedule"],
             seed=self.args.seed,
         )
 
-    def key(self, forward: str, grid: Sequence[int], split: str, idx: np.ndarray, record: bool) -> Path:
+    def key(
+        self, forward: str, grid: Sequence[int], split: str, idx: np.ndarray, record: bool, measure_every: int = 1
+    ) -> Path:
+        base = self.settings.replace(timesteps=(0,)).to_dict()
+        base.pop("measure_every", None)  # keys of the runs made before the option existed stay valid
         text = json.dumps(
             [
                 self.info["digest"],
@@ -192,7 +196,8 @@ class Runner:
                 self.args.seed,
                 record,
             ]
-            + [self.settings.replace(timesteps=(0,)).to_dict()]
+            + [base]
+            + ([measure_every] if measure_every > 1 else [])
         )
         return self.cache / f"{forward}_{split}_{len(grid)}_{hashlib.sha256(text.encode()).hexdigest()[:12]}.npz"
 
@@ -205,16 +210,17 @@ class Runner:
         idx: np.ndarray,
         record: bool = False,
         compute: bool = True,
+        measure_every: int = 1,
     ) -> dict[str, np.ndarray] | None:
         """The statistics of every slice (N first): curves, end indices, map snapshots (test), timing.
 
         ``record`` (DDPM): one step at a time, keeping every step's S_t (test) and statistics."""
-        path = self.key(forward, grid, split, idx, record)
+        path = self.key(forward, grid, split, idx, record, measure_every)
         if path.is_file():
             return dict(np.load(path))
         if not compute or split not in self.args.splits:
             return None
-        inferer = self.inferer(forward, grid)
+        inferer = self.inferer(forward, grid, measure_every)
         need_maps = split == "test"
         parts: list[dict[str, np.ndarray]] = []
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -229,7 +235,8 @@ class Runner:
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "timesteps"}
         out["cpu_s"] = np.float64(time.process_time() - cpu0)
         out["wall_s"] = np.float64(time.perf_counter() - wall0)
-        out["timesteps"] = np.asarray(grid)
+        out["timesteps"] = np.asarray(inferer.measured_timesteps)
+        out["evals"] = np.float64(inferer.settings.network_evaluations(inferer.schedule.num_train_timesteps))
         np.savez(path, **out)
         return out
 
@@ -412,6 +419,73 @@ def evaluate(
     return {"metrics": m, "out": out, "calibration": cal}
 
 
+# ------------------------------------------------------------------------------------------------ paired bootstrap
+# Our own resampler rather than scipy.stats.bootstrap: the replicates are stratified by volume (3D Dice needs every
+# volume in every replicate) and the pooled AUPRC is recomputed from one pre-sorted pixel list by weights, not by
+# sorting again per replicate.
+BOOT_METRICS = ("unhealthy_dice", "volume_dice", "pooled_auprc")
+
+
+class SliceParts:
+    """What the three bootstrapped metrics need of one grid's test masks and maps, per slice: the ungated Dice, the
+    gated overlap counts and the brain pixels sorted by map value (for a weighted average precision)."""
+
+    def __init__(self, out: Any, gt: dict[str, np.ndarray], tidx: np.ndarray) -> None:
+        label = gt["label"][tidx].astype(bool)
+        self.unhealthy = gt["y"][tidx] == 1
+        self.dice = dice_per_slice(out.mask_ungated.numpy(), label)
+        gated = out.mask.numpy().astype(bool)
+        self.inter = (gated & label).reshape(len(label), -1).sum(1).astype(np.float64)
+        self.n_pred = gated.reshape(len(label), -1).sum(1).astype(np.float64)
+        self.n_gt = label.reshape(len(label), -1).sum(1).astype(np.float64)
+        _, self.volume = np.unique(gt["case"][tidx], return_inverse=True)
+        brain = gt["brain"][tidx].astype(bool)
+        scores = out.filtered_map.numpy().astype(np.float64)[brain]
+        order = np.argsort(-scores, kind="stable")
+        self.pixel_slice = np.nonzero(brain)[0][order]
+        self.pixel_y = label[brain][order].astype(np.float64)
+        ranked = scores[order]
+        self.last = np.r_[np.nonzero(np.diff(ranked))[0], len(ranked) - 1]  # the end of each tied score group
+
+    def metrics(self, c: np.ndarray) -> dict[str, float]:
+        """The three metrics with slice i counted ``c[i]`` times (all ones: the plain values)."""
+        u = c * self.unhealthy
+        nv = self.volume.max() + 1
+        inter, n_pred, n_gt = (np.bincount(self.volume, c * v, nv) for v in (self.inter, self.n_pred, self.n_gt))
+        w = c[self.pixel_slice]
+        tp, fp = np.cumsum(w * self.pixel_y)[self.last], np.cumsum(w * (1.0 - self.pixel_y))[self.last]
+        precision = tp / np.maximum(tp + fp, 1e-300)
+        recall_step = np.diff(np.r_[0.0, tp]) / max(tp[-1], 1e-300)
+        return {
+            "unhealthy_dice": float((u * self.dice).sum() / u.sum()),
+            "volume_dice": float(np.mean((2.0 * inter + 1e-6) / (n_pred + n_gt + 1e-6))),
+            "pooled_auprc": float((recall_step * precision).sum()),
+        }
+
+
+def bootstrap_weights(volume: np.ndarray, reps: int, seed: int = 0) -> np.ndarray:
+    """(reps, N) slice counts: each replicate redraws the slices of every volume with replacement, within it."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((reps, len(volume)))
+    for v in np.unique(volume):
+        idx = np.nonzero(volume == v)[0]
+        out[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=reps)
+    return out
+
+
+def paired_intervals(
+    parts: SliceParts, ref: SliceParts, weights: np.ndarray, ref_values: list[dict[str, float]] | None = None
+) -> dict[str, tuple[float, float]]:
+    """The 95 % percentile intervals of (this grid - stride 1) for :data:`BOOT_METRICS` over the same replicates."""
+    ref_values = ref_values or [ref.metrics(c) for c in weights]
+    diffs = {k: [] for k in BOOT_METRICS}
+    for c, r in zip(weights, ref_values):
+        m = parts.metrics(c)
+        for k in BOOT_METRICS:
+            diffs[k].append(m[k] - r[k])
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in diffs.items()}
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     a, b = a.flatten(1).double(), b.flatten(1).double()
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
@@ -452,6 +526,27 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("DROP", "PATIENCE"),
         help="early-exit rule (repeatable; default 0.5 50 and 0.3 100)",
     )
+    parser.add_argument(
+        "--measure",
+        type=int,
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("STRIDE", "EVERY"),
+        help="DDIM: the inversion at STRIDE, the statistics measured at every EVERY-th step (repeatable; run name "
+        "ddim:m<STRIDE>/<EVERY>)",
+    )
+    parser.add_argument(
+        "--range-grid",
+        type=int,
+        nargs=4,
+        action="append",
+        default=[],
+        metavar=("LO", "HI", "DENSE", "SPARSE"),
+        help="a non-uniform grid with a fixed dense range LO..HI (repeatable; run name "
+        "ddim:r<LO>-<HI>/<DENSE>/<SPARSE>)",
+    )
+    parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap replicates (0: none)")
     parser.add_argument("--brain-skip", type=float, nargs="+", default=[0.02, 0.05, 0.10], help="brain-area fractions")
     parser.add_argument("--val-slices", type=int, default=0, help="validation subset size (0: all)")
     parser.add_argument("--test-slices", type=int, default=0, help="test subset size (0: all)")
@@ -536,6 +631,22 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if all(p is not None for p in pair):
                 runs[(forward, f"stride {st}")] = {"val": pair[0], "test": pair[1], "sel": None}
+        for st, every in args.measure:
+            g = uniform_grid(t_max, st)
+            pair = [
+                runner.run(forward, g, s, xs, ix, compute=want(f"{forward}:m{st}/{every}"), measure_every=every)
+                for s, xs, ix in (("validation", x_val, vidx), ("test", x_test, tidx))
+            ]
+            if all(p is not None for p in pair):
+                runs[(forward, f"stride {st}, measured every {every}")] = {"val": pair[0], "test": pair[1], "sel": None}
+        for lo, hi, d, sp in args.range_grid:
+            g = nonuniform_grid(t_max, (lo, hi), d, sp)
+            pair = [
+                runner.run(forward, g, s, xs, ix, compute=want(f"{forward}:r{lo}-{hi}/{d}/{sp}"))
+                for s, xs, ix in (("validation", x_val, vidx), ("test", x_test, tidx))
+            ]
+            if all(p is not None for p in pair):
+                runs[(forward, f"{d} in {lo}..{hi}, {sp} outside")] = {"val": pair[0], "test": pair[1], "sel": None}
         # the dense range needs only the validation run at stride 1 (another process may still run its test half)
         ref_val = runner.run(forward, uniform_grid(t_max, 1), "validation", x_val, vidx, compute=want(f"{forward}:1"))
         if ref_val is None:
@@ -589,7 +700,7 @@ def report(args, runner, runs, gt_val, gt_test, vidx, tidx, exit_specs, t_max) -
         ]
         # early exit on stride 1 and on the coarser uniform grids
         for n in names:
-            if n.startswith("stride") and int(n.split()[1]) in (1, 10, 20):
+            if n.startswith("stride") and "measured" not in n and int(n.split()[1]) in (1, 10, 20):
                 for spec in exit_specs:
                     variants.append(
                         (f"{n} + early exit (drop {spec[0]:g}, patience {spec[1]})", runs[(forward, n)], [spec])
@@ -599,7 +710,8 @@ def report(args, runner, runs, gt_val, gt_test, vidx, tidx, exit_specs, t_max) -
             rt, st = result_for(run["test"], run["sel"], w=runner.w)
             grid = rt.timesteps.numpy()
             inexact = 0
-            evals = 2.0 * len(grid)
+            own = run["sel"] is None and "evals" in run["test"]  # a run of its own grid knows its cost
+            evals = float(run["test"]["evals"]) if own else 2.0 * len(grid)
             if exit_spec:
                 drop, patience = exit_spec[0]
                 stop_v = early_exit_stop(rv.divergence[0].numpy(), grid, drop, patience)
@@ -616,7 +728,10 @@ def report(args, runner, runs, gt_val, gt_test, vidx, tidx, exit_specs, t_max) -
                 "evals": evals,
                 "slices_per_cpu_s": len(tidx) / cpu * (2.0 * len(grid) / evals),
                 "inexact": inexact,
-                **{k: ev["metrics"][k] for k in ("unhealthy_dice", "mixed_dice", "pooled_auprc", "accuracy")},
+                **{
+                    k: ev["metrics"][k]
+                    for k in ("unhealthy_dice", "mixed_dice", "pooled_auprc", "volume_dice", "accuracy")
+                },
                 "m_max": ev["calibration"]["m_max"],
                 "tau": ev["calibration"]["tau"],
                 "_out": ev["out"],
@@ -641,6 +756,20 @@ def report(args, runner, runs, gt_val, gt_test, vidx, tidx, exit_specs, t_max) -
             row["within_1pt"] = all(
                 abs(row[f"d_{k}"]) <= POINT for k in ("unhealthy_dice", "mixed_dice", "pooled_auprc")
             )
+        if args.bootstrap > 0:  # paired, stratified by volume: the same replicates for every grid
+            ref_parts = SliceParts(ref["_out"], gt_test, tidx)
+            plain = ref_parts.metrics(np.ones(len(tidx)))
+            for k in BOOT_METRICS:  # the resampler's metrics are the library's
+                if not math.isclose(plain[k], ref[k], rel_tol=1e-9, abs_tol=1e-12):
+                    raise AssertionError(f"bootstrap {k} {plain[k]} differs from the library's {ref[k]}")
+            weights = bootstrap_weights(ref_parts.volume, args.bootstrap, args.seed)
+            ref_values = [ref_parts.metrics(c) for c in weights]
+            for row in rows:
+                if row["forward"] == forward:
+                    parts = SliceParts(row["_out"], gt_test, tidx)
+                    row["ci"] = paired_intervals(parts, ref_parts, weights, ref_values)
+                    row["ci_within_1pt"] = all(lo >= -POINT and hi <= POINT for lo, hi in row["ci"].values())
+                    row["ci_not_worse"] = all(lo >= -POINT for lo, _ in row["ci"].values())
     hdr = (
         "| forward | grid | steps | evals/slice | slices/CPU-s | unhealthy Dice | mixed Dice | pooled AUPRC | "
         "slice acc | mean abs dt_e | t_e within 20 | map r | mask Dice vs s1 | within 1 pt |"
@@ -658,6 +787,23 @@ def report(args, runner, runs, gt_val, gt_test, vidx, tidx, exit_specs, t_max) -
             f"{cell(r, 'accuracy')} | {r['dte']:.1f} | {r['te_within_20']:.0%} | {r['map_r']:.3f} | "
             f"{r['mask_dice_vs_s1']:.3f} | {'yes' if r['within_1pt'] else 'no'} |"
         )
+    if any("ci" in r for r in rows):
+        head = (
+            "| forward | grid | evals/slice | tumour-slice Dice | 3D Dice | pooled AUPRC | paired bootstrap 95% CI of "
+            f"the difference to stride 1 (points; {args.bootstrap} replicates, slices redrawn within each volume): "
+            "tumour-slice Dice / 3D Dice / pooled AUPRC | CI within 1 pt | CI not below -1 pt |"
+        )
+        boot = [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            if "ci" not in r:
+                continue
+            ci = " / ".join(f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" for lo, hi in (r["ci"][k] for k in BOOT_METRICS))
+            boot.append(
+                f"| {r['forward']} | {r['grid']} | {r['evals']:.0f} | {100 * r['unhealthy_dice']:.1f} | "
+                f"{100 * r['volume_dice']:.1f} | {100 * r['pooled_auprc']:.1f} | {ci} | "
+                f"{'yes' if r['ci_within_1pt'] else 'no'} | {'yes' if r['ci_not_worse'] else 'no'} |"
+            )
+        lines += ["", *boot]
     print()
     print("\n".join(lines))
     for forward in args.forwards:
@@ -668,6 +814,14 @@ def report(args, runner, runs, gt_val, gt_test, vidx, tidx, exit_specs, t_max) -
                 f"{forward}: cheapest grid within 1 point of stride 1 on unhealthy/mixed Dice and pooled AUPRC: "
                 f"{best['grid']} ({best['evals']:.0f} evaluations per slice)"
             )
+        for key, what in (("ci_within_1pt", "whose intervals all lie within"), ("ci_not_worse", "not worse by")):
+            ok = [r for r in rows if r["forward"] == forward and r.get(key)]
+            if ok:
+                best = min(ok, key=lambda r: r["evals"])
+                print(
+                    f"{forward}: cheapest grid {what} 1 point of stride 1 (bootstrap, tumour-slice Dice, 3D Dice, "
+                    f"pooled AUPRC): {best['grid']} ({best['evals']:.0f} evaluations per slice)"
+                )
     # skipping slices with little brain: on every test slice, from the cache (no network)
     print()
     n = len(gt_test["y"])

@@ -136,7 +136,8 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_study, capsys):
         "--dataset-dir", str(root / "data"), "--cache-dir", str(root / "cache"),
         "--calibration", str(root / "calibration.json"), "--output", str(root / "out"),
         "--strides", "1", "2", "4", "--dense", "1", "4", "--early-exit", "0.3", "2", "--val-slices", "6",
-        "--test-slices", "6", "--batch-size", "8", "--t-max", "9",
+        "--test-slices", "6", "--batch-size", "8", "--t-max", "9", "--measure", "2", "2",
+        "--range-grid", "0", "4", "1", "3", "--bootstrap", "50",
     ]  # fmt: skip
     assert bg.main(argv) == 0
     out = capsys.readouterr().out
@@ -148,6 +149,13 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_study, capsys):
         assert ref["evals"] == 20 and ref["d_unhealthy_dice"] == 0 and ref["map_r"] == pytest.approx(1.0)
         assert mine["stride 4"]["evals"] == 6 and mine["stride 4"]["steps"] == 3
         assert any(g.startswith("dense 1 in") for g in mine)
+        # the bootstrap interval of stride 1 against itself is [0, 0]; every row has one
+        assert all(ci == [0.0, 0.0] for ci in ref["ci"].values()) and all("ci" in r for r in mine.values())
+        assert all(lo <= hi for r in mine.values() for lo, hi in r["ci"].values())
+        if forward == "ddim":  # grid 0, 2, 4, 6, 8 measured at 0, 4, 8: 5 + 3 evaluations; the fixed-range grid
+            sparse = mine["stride 2, measured every 2"]
+            assert (sparse["evals"], sparse["steps"]) == (8, 3)
+            assert mine["1 in 0..4, 3 outside"]["steps"] == len(bg.nonuniform_grid(9, (0, 4), 1, 3))
         exits = [r for g, r in mine.items() if "early exit" in g]
         assert exits and all(r["evals"] <= 2 * r["steps"] for r in exits)
         for r in mine.values():
@@ -159,3 +167,47 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_study, capsys):
     cached = sorted((root / "out" / "cache").iterdir())
     assert bg.main(argv) == 0
     assert sorted((root / "out" / "cache").iterdir()) == cached
+
+
+def test_bootstrap_metrics_equal_the_library_on_duplicated_slices():
+    """A replicate's weights are slice counts: the weighted metrics must equal the library's metrics on the slices
+    repeated that many times (tied map values included), and the weights redraw each volume's slices within it."""
+    from types import SimpleNamespace
+
+    from anofpdm_monai.metrics import segmentation_metrics
+
+    rng = np.random.default_rng(4)
+    n, size = 12, 6
+    label = rng.uniform(size=(n, size, size)) < 0.25
+    label[:4] = False  # healthy slices
+    brain = rng.uniform(size=(n, size, size)) < 0.8
+    label &= brain
+    maps = np.round(rng.uniform(size=(n, size, size)) + 0.6 * label, 1)  # rounded: many tied values
+    out = SimpleNamespace(
+        mask=torch.from_numpy(maps > 0.9),
+        mask_ungated=torch.from_numpy(maps > 0.8),
+        filtered_map=torch.from_numpy(maps),
+    )
+    gt = {
+        "label": label,
+        "brain": brain,
+        "y": label.reshape(n, -1).any(1).astype(np.int64),
+        "case": np.array(["a"] * 5 + ["b"] * 4 + ["c"] * 3),
+    }
+    tidx = np.arange(n)
+    parts = bg.SliceParts(out, gt, tidx)
+    counts = np.array([2, 0, 1, 3, 1, 1, 0, 2, 2, 1, 0, 4], dtype=float)
+    rep = np.repeat(tidx, counts.astype(int))
+    lib = segmentation_metrics(
+        out.mask.numpy()[rep], out.mask_ungated.numpy()[rep], label[rep], maps[rep], brain[rep],
+        gt["y"][rep], gt["case"][rep],
+    )  # fmt: skip
+    mine = parts.metrics(counts)
+    for k in bg.BOOT_METRICS:
+        assert mine[k] == pytest.approx(lib[k], rel=1e-12), k
+    w = bg.bootstrap_weights(parts.volume, 200, seed=1)
+    assert w.shape == (200, n) and (w.sum(1) == n).all()
+    for v, size_v in ((0, 5), (1, 4), (2, 3)):
+        assert (w[:, parts.volume == v].sum(1) == size_v).all()
+    same = bg.paired_intervals(parts, parts, w)
+    assert all(ci == (0.0, 0.0) for ci in same.values())
