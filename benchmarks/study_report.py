@@ -131,26 +131,15 @@ def _fold_inputs(fold_dir: Path, tag: str) -> dict[str, Any] | None:
 
 
 def _volume_rows(fold: int, inputs: dict[str, Any]) -> list[dict[str, Any]]:
-    from anofpdm_monai.metrics import segmentation_metrics
+    from anofpdm_monai.evaluation.report import case_metrics
 
     table, gt = inputs["table"], inputs["gt"]
     rows = []
     for method, r in inputs["results"].items():
         label = inputs["summary"]["methods"][method]["label"]
         health = r.get("health", r.get("cosine"))
-        for case, idx in table.groupby("case_id", sort=False).indices.items():
-            y = gt["label"][idx].reshape(len(idx), -1).any(1).astype(np.int64)
-            m = segmentation_metrics(
-                r["mask"][idx],
-                r["mask_ungated"][idx],
-                gt["label"][idx],
-                r["map"][idx].astype(np.float32),
-                gt["brain"][idx],
-                y,
-                np.full(len(idx), case),
-                cosine=None if health is None else health[idx],
-                y_pred=r["pred_label"][idx],
-            )
+        for m in case_metrics(r, gt["label"], gt["brain"], table["case_id"].astype(str).to_numpy(), health):
+            case = m.pop("case_id")
             rows.append({"fold": fold, "case": case, "method": method, "label": label, **m})
     return rows
 

@@ -437,6 +437,32 @@ def test_metrics_csv_matches_stored_masks(evaluated, datasets):
     assert nonempty > 0  # some methods produced non-empty masks: the comparison is not vacuous
 
 
+def test_per_case_tables_and_monai_reports(evaluated, datasets):
+    """cases.csv holds one row per (method, seed, case): its 3D Dice is recomputed here from the stored masks; the
+    MONAI metrics reports (MetricsSaver layout) of each method and seed carry the same per-case values."""
+    out, test = evaluated["out"], datasets["test"]
+    cases = pd.read_csv(out / "cases.csv")
+    case_ids = list(dict.fromkeys(test.table["case_id"].astype(str)))
+    assert len(cases) == len(case_ids) * (len(E2E_METHODS) + 1)
+    for (method, seed), rows in cases.groupby(["method", "seed"], sort=False):
+        assert rows["case_id"].astype(str).tolist() == case_ids
+        for case, case_rows in test.table.groupby("case_id", sort=False)["row"]:
+            pred = np.load(out / "cases" / method / f"seed{seed}" / f"{case}.npz")["mask"].astype(bool)
+            gt = np.asarray(test.cache.arrays(str(case))["label"])[case_rows.to_numpy()].astype(bool)
+            dice = (2.0 * (pred & gt).sum() + 1e-6) / (pred.sum() + gt.sum() + 1e-6)
+            mine = rows.loc[rows["case_id"].astype(str) == str(case), "volume_dice"].item()
+            assert mine == pytest.approx(dice, rel=1e-9), (method, seed, case)
+        report = out / "metrics_reports" / f"{method}_seed{seed}"
+        raw = pd.read_csv(report / "volume_dice_raw.csv", sep=",")
+        assert raw.iloc[:, 0].astype(str).tolist() == case_ids
+        # MONAI writes 4 decimals
+        np.testing.assert_allclose(raw.iloc[:, 1].to_numpy(), rows["volume_dice"].to_numpy(), atol=1e-4)
+        summary = (report / "volume_dice_summary.csv").read_text()
+        assert "mean" in summary.splitlines()[0] and "notnans" in summary.splitlines()[0]
+        overall = dict(line.split(",") for line in (report / "metrics.csv").read_text().splitlines())
+        assert float(overall["volume_dice"]) == pytest.approx(rows["volume_dice"].mean(), abs=1e-4)
+
+
 def test_rerun_reuses_the_stored_results(evaluated, datasets):
     out = evaluated["out"]
     before = {name: (out / name).read_text() for name in ("summary.json", "metrics.csv", "summary.md")}

@@ -2,15 +2,85 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..io import atomic_folder
+from ..metrics import segmentation_metrics
 from ..visualize import save_curves, save_overlay_grid, save_pr_curves
 
-__all__ = ["summary_markdown", "write_figures"]
+__all__ = ["CASE_METRICS", "case_metrics", "summary_markdown", "write_case_reports", "write_figures"]
+
+#: the per-case columns of ``cases.csv`` and of the MONAI metrics reports (``segmentation_metrics`` keys)
+CASE_METRICS = (
+    "unhealthy_dice",
+    "mixed_dice",
+    "volume_dice",
+    "pooled_auprc",
+    "unhealthy_pooled_auprc",
+    "accuracy",
+    "auroc",
+)
+
+
+def case_metrics(
+    result: Mapping[str, np.ndarray],
+    label: np.ndarray,
+    brain: np.ndarray,
+    case_ids: Sequence[str] | np.ndarray,
+    health: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`~anofpdm_monai.metrics.segmentation_metrics` of each case (volume) alone, in order of first
+    appearance: one dict per case with ``case_id`` and every metric.
+
+    Args:
+        result: a method's test results (``mask``, ``mask_ungated``, ``map``, ``pred_label``), slices first.
+        label, brain: (N, H, W) ground truth and brain masks; case_ids: (N,).
+        health: the slice health scores (low = unhealthy) for the AUROC, or None.
+    """
+    ids = np.asarray(case_ids).astype(str)
+    y = label.reshape(len(ids), -1).any(axis=1).astype(np.int64)
+    rows = []
+    for case in dict.fromkeys(ids.tolist()):
+        idx = np.nonzero(ids == case)[0]
+        m = segmentation_metrics(
+            result["mask"][idx],
+            result["mask_ungated"][idx],
+            label[idx],
+            np.asarray(result["map"][idx], dtype=np.float32),
+            brain[idx],
+            y[idx],
+            ids[idx],
+            cosine=None if health is None else health[idx],
+            y_pred=result["pred_label"][idx],
+        )
+        rows.append({"case_id": case, **m})
+    return rows
+
+
+def write_case_reports(folder: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """MONAI's metrics reports (:func:`monai.handlers.utils.write_metrics_reports`, the ``MetricsSaver`` layout) of
+    one method's per-case rows, written as one unit: ``metrics.csv`` (the means over cases), ``<metric>_raw.csv``
+    (one line per case) and ``<metric>_summary.csv`` (mean, median, std, percentiles, not-NaN count)."""
+    from monai.handlers.utils import write_metrics_reports
+
+    names = [str(r["case_id"]) for r in rows]
+    details = {k: np.asarray([[float(r.get(k, np.nan))] for r in rows]) for k in CASE_METRICS}
+    means = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in details.items()}
+    with atomic_folder(folder) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a single case (no std) or an all-NaN column (one class)
+        write_metrics_reports(
+            tmp,
+            images=names,
+            metrics=means,
+            metric_details=details,
+            summary_ops=["mean", "median", "std", "min", "max", "25percentile", "75percentile", "notnans"],
+        )
+    return Path(folder)
 
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:

@@ -41,7 +41,7 @@ from ..metrics import PooledAUPRC, aggregate_over_seeds, dice_per_slice, iou_per
 from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_CANDIDATES, DEFAULT_GUIDANCE_SCALE, DEFAULT_TOLERANCE, AnoFPDMSettings
 from .methods import ANOFPDM_METHODS, DEFAULT_METHODS, METHODS
-from .report import summary_markdown, write_figures
+from .report import case_metrics, summary_markdown, write_case_reports, write_figures
 from .store import ResultStore, fingerprint
 from .tuning import TUNING_OBJECTIVES, threshold_candidates, tune_threshold
 
@@ -566,7 +566,7 @@ class Evaluator:
         y = gt["label"].reshape(len(table), -1).any(axis=1).astype(np.int64)
         cases = table["case_id"].astype(str).to_numpy()
         picks, curve_picks = self._picks(gt, y)
-        rows, summary, pr_curves, examples, curves = [], {}, {}, {}, None
+        rows, case_rows, summary, pr_curves, examples, curves = [], [], {}, {}, {}, None
         for method in self.methods:
             per_seed = []
             for seed in self._seeds(method):
@@ -588,6 +588,9 @@ class Evaluator:
                         y_pred=r["pred_label"],
                     )
                 )
+                per_case = case_metrics(r, gt["label"], gt["brain"], cases, health)
+                case_rows += [{"method": method, "seed": seed, **row} for row in per_case]
+                write_case_reports(self.output_dir / "metrics_reports" / f"{method}_seed{seed}", per_case)
                 ungated = r["mask_ungated"]
                 rows.append(
                     pd.DataFrame(
@@ -632,6 +635,8 @@ class Evaluator:
             }
         with atomic_path(self.output_dir / "metrics.csv") as tmp:
             pd.concat(rows, ignore_index=True).to_csv(tmp, index=False)
+        with atomic_path(self.output_dir / "cases.csv") as tmp:
+            pd.DataFrame(case_rows).to_csv(tmp, index=False)
         out = {
             "num_test_slices": int(len(y)),
             "num_unhealthy": int(y.sum()),
