@@ -345,6 +345,7 @@ def run_config(args: argparse.Namespace, cfg: dict[str, Any], save_tensors: bool
             map_channels=channels,
             t_max=cfg["steps"] - 1,
             stride=cfg["stride"],
+            measure_every=cfg.get("measure_every", 1),
             reference=args.reference,
             seed=args.seed,
             precision="bf16" if args.autocast == "bf16" else "fp32",
@@ -636,6 +637,15 @@ def main(argv: list[str] | None = None) -> int:
         help="inversion noise of the re-enactment: raw null prediction (the library's formula, so the agreement "
         "check is exact) or re-derived from the clipped x0 (guided-diffusion's ddim_reverse_sample)",
     )
+    parser.add_argument(
+        "--measured",
+        type=int,
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("STRIDE", "EVERY"),
+        help="also ours at STRIDE with the statistics measured at every EVERY-th step (repeatable)",
+    )
     parser.add_argument("--guidance", type=float, default=2.0, help="w")
     parser.add_argument("--reference", choices=["null", "healthy"], default="null")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -706,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     strides = sorted(set([1, *args.strides]))
     for s in strides:
         configs.append({"name": f"ours-s{s}", "kind": "ours", "steps": args.steps, "stride": s})
+    for s, e in args.measured:
+        configs.append({"name": f"ours-s{s}m{e}", "kind": "ours", "steps": args.steps, "stride": s, "measure_every": e})
 
     results: dict[str, dict[str, Any]] = {}
     times: dict[str, list[float]] = {c["name"]: [] for c in configs}
@@ -753,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
             "official": f"official pattern, {cfg['steps']} steps (measured)",
             "ours-official-grid": f"ours stride 1, {cfg['steps']} steps (official's grid)",
         }.get(cfg["name"], f"ours stride {cfg['stride']}, {args.steps} steps")
+        if cfg.get("measure_every", 1) > 1:
+            label = f"ours stride {cfg['stride']}, measured every {cfg['measure_every']}"
         row = {
             "config": label,
             "name": cfg["name"],
