@@ -463,6 +463,47 @@ def test_per_case_tables_and_monai_reports(evaluated, datasets):
         assert float(overall["volume_dice"]) == pytest.approx(rows["volume_dice"].mean(), abs=1e-4)
 
 
+def test_extra_metrics_from_json(evaluated, datasets, tmp_path):
+    """evaluate.json's ``extra_metrics``: stock MONAI metrics configured in JSON become summary columns; MONAI's
+    DiceMetric on the ungated masks of the lesion slices reproduces the papers' unhealthy Dice (which adds 1e-6 to
+    numerator and denominator), this project's VolumeDiceMetric per case the 3D Dice. The stored results are reused."""
+    import shutil
+
+    from monai.bundle import ConfigParser
+
+    out = tmp_path / "out"
+    shutil.copytree(evaluated["out"], out)
+    parser = ConfigParser(
+        {
+            "extra_metrics": {
+                "monai_dice": {
+                    "_target_": "anofpdm_monai.evaluation.ResultMetric",
+                    "metric": {"_target_": "monai.metrics.DiceMetric", "include_background": True},
+                    "y_pred": "mask_ungated",
+                    "unhealthy_only": True,
+                },
+                "dice_3d": {
+                    "_target_": "anofpdm_monai.evaluation.ResultMetric",
+                    "metric": {"_target_": "anofpdm_monai.metrics.VolumeDiceMetric"},
+                    "per_case": True,
+                },
+            }
+        }
+    )
+    net = Counting(_micro_net())
+    summary = _evaluator(datasets, out, net, extra_metrics=parser.get_parsed_content("extra_metrics")).run()
+    assert net.calls == 0
+    checked = 0
+    for method, entry in summary["methods"].items():
+        m = {k: v["mean"] for k, v in entry["metrics"].items()}
+        assert m["dice_3d"] == pytest.approx(m["volume_dice"], rel=1e-9, abs=1e-12), method
+        assert m["monai_dice"] == pytest.approx(m["unhealthy_dice"], abs=1e-5), method
+        checked += m["unhealthy_dice"] > 0.01
+    assert checked > 0, "some method must have non-trivial masks (else the comparison is vacuous)"
+    with pytest.raises(ValueError, match=r"extra_metrics\['bad'\] must be an anofpdm_monai.evaluation.ResultMetric"):
+        _evaluator(datasets, out, net, extra_metrics={"bad": object()})
+
+
 def test_rerun_reuses_the_stored_results(evaluated, datasets):
     out = evaluated["out"]
     before = {name: (out / name).read_text() for name in ("summary.json", "metrics.csv", "summary.md")}

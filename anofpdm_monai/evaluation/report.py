@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from ..io import atomic_folder
-from ..metrics import segmentation_metrics
+from ..io import atomic_folder, atomic_path, write_text
+from ..metrics import PooledAUPRC, aggregate_over_seeds, dice_per_slice, iou_per_slice, segmentation_metrics
 from ..visualize import save_curves, save_overlay_grid, save_pr_curves
+from .methods import ANOFPDM_METHODS, METHODS
 
-__all__ = ["CASE_METRICS", "case_metrics", "summary_markdown", "write_case_reports", "write_figures"]
+__all__ = [
+    "CASE_METRICS",
+    "EvaluationReport",
+    "ResultMetric",
+    "case_metrics",
+    "summary_markdown",
+    "write_case_reports",
+    "write_figures",
+]
+
+logger = logging.getLogger(__name__)
 
 #: the per-case columns of ``cases.csv`` and of the MONAI metrics reports (``segmentation_metrics`` keys)
 CASE_METRICS = (
@@ -25,6 +39,61 @@ CASE_METRICS = (
     "accuracy",
     "auroc",
 )
+
+
+class ResultMetric:
+    """A MONAI metric (a ``CumulativeIterationMetric`` such as ``monai.metrics.DiceMetric`` or this project's
+    :class:`~anofpdm_monai.metrics.VolumeDiceMetric`) as an extra column of the evaluation, configured in
+    ``evaluate.json``'s ``extra_metrics``: called on a method's stored test results, it feeds the metric
+    ``y_pred`` = the chosen result as ``(N, 1, H, W)`` and ``y`` = the ground truth (``(N, 1, H, W)``, or with the
+    brain mask as channel 1 for ``with_brain``), one slice per item (``per_case=False``) or one case per item
+    (``(1, 1, H, W, slices)``), and returns its aggregate as a float.
+
+    Args:
+        metric: the MONAI metric (reset before each use).
+        y_pred: ``"mask"`` (gated), ``"mask_ungated"`` or ``"map"`` (the filtered anomaly map).
+        per_case: items are whole cases (3D metrics) instead of slices.
+        unhealthy_only: only the slices with a lesion (the papers' "unhealthy" setting).
+        with_brain: ``y`` carries the brain mask as channel 1 (this project's AUPRC metrics read it).
+    """
+
+    INPUTS = ("mask", "mask_ungated", "map")
+
+    def __init__(
+        self,
+        metric: Any,
+        y_pred: str = "mask",
+        per_case: bool = False,
+        unhealthy_only: bool = False,
+        with_brain: bool = False,
+    ) -> None:
+        if y_pred not in self.INPUTS:
+            raise ValueError(f"y_pred must be one of {list(self.INPUTS)}, got {y_pred!r}")
+        if not callable(metric) or not hasattr(metric, "aggregate"):
+            raise ValueError(f"metric must be a MONAI metric with aggregate(), got {type(metric).__name__}")
+        self.metric, self.y_pred = metric, y_pred
+        self.per_case, self.unhealthy_only, self.with_brain = bool(per_case), bool(unhealthy_only), bool(with_brain)
+
+    def __call__(
+        self, result: Mapping[str, np.ndarray], label: np.ndarray, brain: np.ndarray, case_ids: np.ndarray
+    ) -> float:
+        import torch
+
+        pred = np.asarray(result[self.y_pred], dtype=np.float32)
+        truth = label.astype(np.float32)
+        keep = truth.reshape(len(truth), -1).any(1) if self.unhealthy_only else np.ones(len(truth), dtype=bool)
+        y = truth[:, None] if not self.with_brain else np.stack([truth, brain.astype(np.float32)], axis=1)
+        x, y, ids = torch.from_numpy(pred[keep][:, None]), torch.from_numpy(y[keep]), np.asarray(case_ids)[keep]
+        self.metric.reset()
+        if self.per_case:
+            for case in dict.fromkeys(ids.tolist()):
+                sel = torch.from_numpy(ids == case)
+                self.metric(y_pred=x[sel].permute(1, 2, 3, 0)[None], y=y[sel].permute(1, 2, 3, 0)[None])
+        elif len(x):
+            self.metric(y_pred=x, y=y)
+        value = self.metric.aggregate()
+        value = value[0] if isinstance(value, (list, tuple)) else value
+        return float(torch.as_tensor(value, dtype=torch.float64).mean()) if len(x) else float("nan")
 
 
 def case_metrics(
@@ -166,3 +235,134 @@ def write_figures(
             titles=titles,
             modality_names=list(map_modalities),
         )
+
+
+class EvaluationReport:
+    """The evaluator's last job: metrics, tables and figures from the stored per-case results; a part of
+    :class:`~anofpdm_monai.evaluation.runner.Evaluator`."""
+
+    def _picks(self, gt: Mapping[str, np.ndarray], y: np.ndarray) -> tuple[list[int], list[int]]:
+        """Example slices: the largest lesion of each case first (then more), one healthy slice; and for the
+        curves two lesion slices and two healthy ones."""
+        lesion = gt["label"].reshape(len(y), -1).sum(1)
+        cases = self.test.table["case_id"].astype(str).to_numpy()
+        picks: list[int] = []
+        for i in np.argsort(-lesion, kind="stable"):
+            if lesion[i] == 0 or len(picks) >= max(1, self.figure_slices - 1):
+                break
+            if cases[i] not in {cases[j] for j in picks} or len(picks) >= len(set(cases)):
+                picks.append(int(i))
+        healthy = np.nonzero(y == 0)[0]
+        if len(healthy):
+            picks.append(int(healthy[len(healthy) // 2]))
+        ill = np.nonzero(y == 1)[0]
+        curves = [int(i) for i in ill[np.argsort(-lesion[ill], kind="stable")][:2]] + [int(i) for i in healthy[:2]]
+        return picks, curves
+
+    def report(self, tuning: Mapping[str, Any]) -> dict[str, Any]:
+        """Metrics, tables and figures from the stored per-case results (one method and seed in memory at a time)."""
+        gt = self._ground_truth(self.test)
+        table = self.test.table
+        y = gt["label"].reshape(len(table), -1).any(axis=1).astype(np.int64)
+        cases = table["case_id"].astype(str).to_numpy()
+        picks, curve_picks = self._picks(gt, y)
+        rows, case_rows, summary, pr_curves, examples, curves = [], [], {}, {}, {}, None
+        for method in self.methods:
+            per_seed = []
+            for seed in self._seeds(method):
+                r = self._load(method, seed)
+                maps = r["map"].astype(np.float32)
+                cosine = r.get("cosine") if method in ANOFPDM_METHODS else None
+                # the slice classification is the health score's (the cosine unless the settings choose another)
+                health = r.get("health", cosine) if method in ANOFPDM_METHODS else None
+                extra = {
+                    name: metric(r, gt["label"], gt["brain"], cases) for name, metric in self.extra_metrics.items()
+                }
+                per_seed.append(
+                    segmentation_metrics(
+                        r["mask"],
+                        r["mask_ungated"],
+                        gt["label"],
+                        maps,
+                        gt["brain"],
+                        y,
+                        cases,
+                        cosine=health,
+                        y_pred=r["pred_label"],
+                    )
+                    | extra
+                )
+                per_case = case_metrics(r, gt["label"], gt["brain"], cases, health)
+                case_rows += [{"method": method, "seed": seed, **row} for row in per_case]
+                write_case_reports(self.output_dir / "metrics_reports" / f"{method}_seed{seed}", per_case)
+                ungated = r["mask_ungated"]
+                rows.append(
+                    pd.DataFrame(
+                        {
+                            "method": method,
+                            "seed": seed,
+                            "case_id": cases,
+                            "slice_index": table["slice_index"].to_numpy(),
+                            "source_index": table["source_index"].to_numpy(),
+                            "label": y,
+                            "lesion_area": gt["label"].reshape(len(y), -1).sum(1),
+                            "pred_label": r["pred_label"],
+                            "mask_area": r["mask"].reshape(len(y), -1).sum(1),
+                            "dice_mixed": dice_per_slice(r["mask"], gt["label"]),
+                            "iou_mixed": iou_per_slice(r["mask"], gt["label"]),
+                            "dice_unhealthy": np.where(y == 1, dice_per_slice(ungated, gt["label"]), np.nan),
+                            "iou_unhealthy": np.where(y == 1, iou_per_slice(ungated, gt["label"]), np.nan),
+                            "cosine": cosine if cosine is not None else np.nan,
+                            "health": health if health is not None else np.nan,
+                        }
+                    )
+                )
+                if seed != self._seeds(method)[0]:
+                    continue
+                examples[self._label(method)] = {"map": maps[picks], "mask": r["mask"][picks]}
+                if y.any():
+                    acc = PooledAUPRC()
+                    acc.update(maps, gt["label"], gt["brain"])
+                    precision, recall, _ = acc.precision_recall_curve()
+                    pr_curves[self._label(method)] = (precision, recall, acc.compute())
+                if method in ANOFPDM_METHODS and (curves is None or method == "anofpdm"):
+                    curves = {k: r[k][curve_picks] for k in ("divergence", "mse_guided", "mse_reference", "end_step")}
+                    curves["cosine"] = r["cosine"][curve_picks]
+                    curves["steps"] = self.store.timesteps(method, seed, cases[0])
+            agg = aggregate_over_seeds(per_seed)
+            summary[method] = {
+                "label": self._label(method),
+                "tuning": METHODS[method].tuning,
+                "seeds": self._seeds(method),
+                "metrics": {k: {"mean": v[0], "std": v[1]} for k, v in agg.items()},
+                "tuned": dict(tuning.get(method, {})),
+            }
+        with atomic_path(self.output_dir / "metrics.csv") as tmp:
+            pd.concat(rows, ignore_index=True).to_csv(tmp, index=False)
+        with atomic_path(self.output_dir / "cases.csv") as tmp:
+            pd.DataFrame(case_rows).to_csv(tmp, index=False)
+        out = {
+            "num_test_slices": int(len(y)),
+            "num_unhealthy": int(y.sum()),
+            "test_cases": sorted(set(cases.tolist())),
+            "tuning_objective": self.tuning_objective,
+            "methods": summary,
+        }
+        write_text(self.output_dir / "summary.json", json.dumps(out, indent=2, default=float))
+        write_text(self.output_dir / "summary.md", summary_markdown(out))
+        write_figures(
+            self.output_dir,
+            self.test,
+            self.modalities,
+            self.intensity_modality,
+            self.map_modalities,
+            gt,
+            y,
+            picks,
+            curve_picks,
+            examples,
+            pr_curves,
+            curves,
+        )
+        logger.info("evaluation written to %s", self.output_dir)
+        return out

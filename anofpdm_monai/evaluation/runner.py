@@ -12,22 +12,18 @@ the same settings; tuning results in ``tuning.json``. Outputs: ``metrics.csv`` (
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from functools import cached_property
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from ..calibration import Calibration, collect_statistics, make_calibration
-from ..engines.distributed import barrier, claim, rank_and_world, run_on_rank0
+from ..engines.distributed import barrier, rank_and_world, run_on_rank0
 from ..inferers.anofpdm import AnoFPDMInferer
 from ..inferers.baselines import (
     DEFAULT_CLASSIFIER_SCALE,
@@ -36,21 +32,20 @@ from ..inferers.baselines import (
     ReconstructionInferer,
 )
 from ..inferers.noise import slice_noise_keys
-from ..io import atomic_path, write_text
-from ..metrics import PooledAUPRC, aggregate_over_seeds, dice_per_slice, iou_per_slice, segmentation_metrics
 from ..schedule import NoiseSchedule
 from ..settings import DEFAULT_GUIDANCE_CANDIDATES, DEFAULT_GUIDANCE_SCALE, DEFAULT_TOLERANCE, AnoFPDMSettings
+from .cases import TestCaseRuns
 from .methods import ANOFPDM_METHODS, DEFAULT_METHODS, METHODS
-from .report import case_metrics, summary_markdown, write_case_reports, write_figures
-from .store import ResultStore, fingerprint
-from .tuning import TUNING_OBJECTIVES, threshold_candidates, tune_threshold
+from .report import EvaluationReport, ResultMetric
+from .store import ResultStore
+from .tuning import TUNING_OBJECTIVES, PixelLabelTuning
 
 __all__ = ["Evaluator"]
 
 logger = logging.getLogger(__name__)
 
 
-class Evaluator:
+class Evaluator(PixelLabelTuning, TestCaseRuns, EvaluationReport):
     """Run the chosen methods on the test split and write the metrics, tables and figures.
 
     Args:
@@ -81,6 +76,9 @@ class Evaluator:
         classifier: the noise-conditioned healthy/unhealthy classifier of ``ddim_clf`` (required for that method;
             trained for this checkpoint's slices and noise schedule), ``classifier_digest`` identifying its file.
         classifier_scales: candidates of the classifier-guidance scale s of ``ddim_clf`` (tuned with the noise level).
+        extra_metrics: more columns of the summary: name -> :class:`~anofpdm_monai.evaluation.report.ResultMetric`
+            (a MONAI metric on the stored results), computed for every method and seed (``evaluate.json``'s
+            ``extra_metrics``).
     """
 
     def __init__(
@@ -113,6 +111,7 @@ class Evaluator:
         classifier: torch.nn.Module | None = None,
         classifier_digest: str | None = None,
         classifier_scales: Sequence[float] = DEFAULT_CLASSIFIER_SCALES,
+        extra_metrics: Mapping[str, ResultMetric] | None = None,
     ) -> None:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
@@ -126,6 +125,13 @@ class Evaluator:
             raise ValueError(f"classifier_scales must be a non-empty list of numbers >= 0, got {classifier_scales}")
         if not seeds:
             raise ValueError("seeds must not be empty")
+        self.extra_metrics = dict(extra_metrics or {})
+        for name, metric in self.extra_metrics.items():
+            if not isinstance(metric, ResultMetric):
+                raise ValueError(
+                    f"extra_metrics[{name!r}] must be an anofpdm_monai.evaluation.ResultMetric wrapping a MONAI "
+                    f"metric, got {type(metric).__name__}"
+                )
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.digest = checkpoint_digest
@@ -181,6 +187,12 @@ class Evaluator:
     def _batches(self, dataset: Any, indices: Sequence[int] | None = None) -> DataLoader:
         subset = dataset if indices is None else Subset(dataset, list(indices))
         return DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=0)
+
+    @staticmethod
+    def _noise_keys(inferer: Any, batch: Mapping[str, Any]) -> list[int] | None:
+        """The per-slice noise keys of a slice batch (seed, case, slice) for an inferer with a seed."""
+        seed = getattr(inferer, "seed", None)
+        return slice_noise_keys(seed, batch["case_id"], batch["slice_index"])
 
     @staticmethod
     def _ground_truth(dataset: Any) -> dict[str, np.ndarray]:
@@ -248,108 +260,7 @@ class Evaluator:
         cal.save(path)
         return cal
 
-    # ------------------------------------------------------------------ tuning (pixel labels)
-    def _tuning(self) -> dict[str, Any]:
-        path = self.output_dir / "tuning.json"
-        state = json.loads(path.read_text()) if path.is_file() else {}
-        key = {
-            "noise_levels": self.noise_levels,
-            "num_steps": self.num_steps,
-            "digest": self.digest,
-            "median_kernel": self.median_kernel,
-            "min_component_size": self.min_component_size,
-            "map_channels": self.map_channels,
-            "intensity": [self.intensity_modality, self.polarity],
-            "guidance_scale": self._baseline_guidance(),
-            "seed": self.seeds[0],
-            "objective": self.tuning_objective,
-            "validation": [sorted(set(self.val.table["case_id"].astype(str))), len(self.val)],
-        }
-        if state.get("_key") != key:
-            state = {"_key": key}
-        return state
-
-    def _save_tuning(self, state: Mapping[str, Any]) -> None:
-        write_text(self.output_dir / "tuning.json", json.dumps(state, indent=2))
-
-    @staticmethod
-    def _noise_keys(inferer: Any, batch: Mapping[str, Any]) -> list[int] | None:
-        """The per-slice noise keys of a slice batch (seed, case, slice) for an inferer with a seed."""
-        seed = getattr(inferer, "seed", None)
-        return slice_noise_keys(seed, batch["case_id"], batch["slice_index"])
-
-    def _val_maps(self, inferer: Any) -> np.ndarray:
-        maps = []
-        for batch in tqdm(self._batches(self.val), desc="validation", leave=False, disable=not self.progress):
-            keys = self._noise_keys(inferer, batch)
-            out = inferer(batch["image"].to(self.device), self.network, noise_keys=keys)
-            maps.append(out.filtered_map.float().cpu().numpy())
-        return np.concatenate(maps)
-
-    def _val_maps_shared_inversion(self, inferers: Sequence[ReconstructionInferer]) -> list[np.ndarray]:
-        """:meth:`_val_maps` of several DDIM inferers with the same noise level and steps: each batch is inverted
-        once and decoded by each of them."""
-        maps: list[list[np.ndarray]] = [[] for _ in inferers]
-        for batch in tqdm(self._batches(self.val), desc="validation", leave=False, disable=not self.progress):
-            x = batch["image"].to(self.device)
-            inverted = inferers[0].invert(x, self.network)
-            for parts, inferer in zip(maps, inferers):
-                parts.append(inferer(x, self.network, inverted=inverted).filtered_map.float().cpu().numpy())
-        return [np.concatenate(parts) for parts in maps]
-
-    def tune(self) -> dict[str, Any]:
-        """Tune the pixel-label methods on the validation split (cached in ``tuning.json``)."""
-        state = self._tuning()
-        for method in self.methods:
-            if not METHODS[method].pixel_labels:
-                continue
-            # what a method's maps depend on beyond the tuning key: the AnoFPDM calibration, the classifier
-            depends: dict[str, Any] = {}
-            if method == "anofpdm_tuned":
-                cal = self.anofpdm_calibration("ddim")
-                depends["calibration"] = fingerprint(cal.without_created())
-            if method == "ddim_clf":
-                depends = {"classifier": self.classifier_digest, "classifier_scales": self.classifier_scales}
-            if method in state and all(state[method].get(k) == v for k, v in depends.items()):
-                continue
-            logger.info("tuning %s on the validation split with pixel labels", method)
-            best: dict[str, Any] = {"val_dice": -1.0}
-            if method == "anofpdm_tuned":
-                maps = self._val_maps(self._from_calibration(cal, self.seeds[0]))
-                thr, dice = self._tune(maps)
-                best = {"threshold": thr, "val_dice": dice}
-            elif method == "intensity":
-                maps = self._val_maps(self._intensity(None))
-                thr, dice = self._tune(maps)
-                best = {"threshold": thr, "val_dice": dice}
-            elif method == "ddim_clf":
-                for t in self.noise_levels:
-                    inferers = [self._baseline(method, t, None, self.seeds[0], s) for s in self.classifier_scales]
-                    for scale, maps in zip(self.classifier_scales, self._val_maps_shared_inversion(inferers)):
-                        thr, dice = self._tune(maps)
-                        if dice > best["val_dice"]:
-                            best = {"noise_level": t, "classifier_scale": scale, "threshold": thr, "val_dice": dice}
-            else:
-                for t in self.noise_levels:
-                    maps = self._val_maps(self._baseline(method, t, None, self.seeds[0]))
-                    thr, dice = self._tune(maps)
-                    if dice > best["val_dice"]:
-                        best = {"noise_level": t, "threshold": thr, "val_dice": dice}
-            best.update(depends)
-            state[method] = best
-            self._save_tuning(state)
-        return state
-
-    @cached_property
-    def _val_truth(self) -> dict[str, np.ndarray]:
-        """Pixel labels and brain masks of the validation split, read once (only when something is tuned)."""
-        return self._ground_truth(self.val)
-
-    def _tune(self, maps: np.ndarray) -> tuple[float, float]:
-        gt = self._val_truth
-        candidates = threshold_candidates(maps, gt["brain"])
-        return tune_threshold(maps, gt["label"], candidates, self.min_component_size, self.tuning_objective)
-
+    # ------------------------------------------------------------------ inferer factories (every job)
     def _intensity(self, threshold: float | None) -> IntensityInferer:
         channel = self.modalities.index(self.intensity_modality)
         return IntensityInferer(channel, threshold, self.median_kernel, self.min_component_size, self.polarity)
@@ -393,115 +304,6 @@ class Evaluator:
             schedule=self.schedule,
         )
 
-    # ------------------------------------------------------------------ test runs with per-case caching
-    def _case_indices(self) -> dict[str, list[int]]:
-        cases: dict[str, list[int]] = {}
-        for i, case in enumerate(self.test.table["case_id"].astype(str)):
-            cases.setdefault(case, []).append(i)
-        return cases
-
-    def _my_cases(self) -> Iterator[tuple[str, list[int]]]:
-        """This rank's test cases and their slice indices, dealt out on demand among the ranks (:func:`claim`: a
-        rank whose cases are already stored takes more of the others'); all of them in one process."""
-        return claim(list(self._case_indices().items()), "evaluation test cases")
-
-    def _run_anofpdm_group(self, forward: str, members: list[str], seed: int, tuning: Mapping[str, Any]) -> None:
-        cal = self.anofpdm_calibration(forward)
-        base = self._from_calibration(cal, seed)
-        post = {
-            "anofpdm": base,
-            "anofpdm_ddpm": base,
-            "anofpdm_last": self._from_calibration(cal, seed, aggregation="last"),
-        }
-        if "anofpdm_tuned" in members:
-            post["anofpdm_tuned"] = self._from_calibration(
-                cal, seed, m_max=None, threshold=tuning["anofpdm_tuned"]["threshold"]
-            )
-        settings = {
-            m: fingerprint(
-                {
-                    "method": m,
-                    "seed": seed,
-                    "calibration": cal.without_created(),
-                    "median_kernel": self.median_kernel,
-                    "min_component_size": self.min_component_size,
-                    "threshold": tuning["anofpdm_tuned"]["threshold"] if m == "anofpdm_tuned" else None,
-                }
-            )
-            for m in members
-        }
-        for case, idx in tqdm(self._my_cases(), desc=f"AnoFPDM ({forward}, seed {seed})", disable=not self.progress):
-            todo = [m for m in members if not self.store.matches(m, seed, case, settings[m], len(idx))]
-            if not todo:
-                continue
-            chunks: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in todo}
-            for batch in self._batches(self.test, idx):
-                keys = self._noise_keys(base, batch)
-                result = base.forward_process(
-                    batch["image"].to(self.device), self.network, need_maps=True, noise_keys=keys
-                )
-                for m in todo:
-                    out = post[m].postprocess(result)
-                    chunks[m].append(
-                        {
-                            "map": out.filtered_map.cpu().numpy().astype(np.float32),
-                            "mask": out.mask.cpu().numpy(),
-                            "mask_ungated": out.mask_ungated.cpu().numpy(),
-                            "pred_label": out.pred_label.cpu().numpy(),
-                            "cosine": out.cosine.cpu().numpy(),
-                            "health": out.health.cpu().numpy(),
-                            "divergence": out.divergence.cpu().numpy().astype(np.float32),
-                            "mse_guided": out.mse_guided.cpu().numpy().astype(np.float32),
-                            "mse_reference": out.mse_reference.cpu().numpy().astype(np.float32),
-                            "end_step": out.end_step.cpu().numpy(),
-                            "timesteps": out.timesteps.cpu().numpy(),
-                        }
-                    )
-            for m in todo:
-                merged = {k: np.concatenate([c[k] for c in chunks[m]]) for k in chunks[m][0] if k != "timesteps"}
-                merged["timesteps"] = chunks[m][0]["timesteps"]
-                self.store.save(m, seed, case, settings[m], **merged)
-
-    def _run_baseline(self, method: str, seed: int, tuning: Mapping[str, Any]) -> None:
-        params = tuning[method]
-        if method == "intensity":
-            inferer: Any = self._intensity(params["threshold"])
-        else:
-            scale = params.get("classifier_scale", DEFAULT_CLASSIFIER_SCALE)
-            inferer = self._baseline(method, params["noise_level"], params["threshold"], seed, scale)
-        settings = fingerprint(
-            {
-                "method": method,
-                "seed": seed,
-                "tuned": dict(params),
-                "tuning_key": tuning.get("_key"),
-                "median_kernel": self.median_kernel,
-                "min_component_size": self.min_component_size,
-            }
-        )
-        for case, idx in tqdm(self._my_cases(), desc=f"{method} (seed {seed})", disable=not self.progress):
-            if self.store.matches(method, seed, case, settings, len(idx)):
-                continue
-            parts = []
-            for batch in self._batches(self.test, idx):
-                keys = self._noise_keys(inferer, batch)
-                out = inferer(batch["image"].to(self.device), self.network, noise_keys=keys)
-                parts.append((out.filtered_map.cpu().numpy(), out.mask.cpu().numpy(), out.pred_label.cpu().numpy()))
-            maps, masks, pred = (np.concatenate(p) for p in zip(*parts))
-            self.store.save(
-                method,
-                seed,
-                case,
-                settings,
-                map=maps.astype(np.float32),
-                mask=masks,
-                mask_ungated=masks,
-                pred_label=pred,
-            )
-
-    def _load(self, method: str, seed: int) -> dict[str, np.ndarray]:
-        return self.store.load(method, seed, list(self._case_indices()))
-
     # ------------------------------------------------------------------ the whole workflow
     def _forwards(self) -> list[str]:
         """The forward modes of the AnoFPDM methods evaluated."""
@@ -540,125 +342,3 @@ class Evaluator:
         for forward in self._forwards():
             self.anofpdm_calibration(forward)
         return tuning
-
-    def _picks(self, gt: Mapping[str, np.ndarray], y: np.ndarray) -> tuple[list[int], list[int]]:
-        """Example slices: the largest lesion of each case first (then more), one healthy slice; and for the
-        curves two lesion slices and two healthy ones."""
-        lesion = gt["label"].reshape(len(y), -1).sum(1)
-        cases = self.test.table["case_id"].astype(str).to_numpy()
-        picks: list[int] = []
-        for i in np.argsort(-lesion, kind="stable"):
-            if lesion[i] == 0 or len(picks) >= max(1, self.figure_slices - 1):
-                break
-            if cases[i] not in {cases[j] for j in picks} or len(picks) >= len(set(cases)):
-                picks.append(int(i))
-        healthy = np.nonzero(y == 0)[0]
-        if len(healthy):
-            picks.append(int(healthy[len(healthy) // 2]))
-        ill = np.nonzero(y == 1)[0]
-        curves = [int(i) for i in ill[np.argsort(-lesion[ill], kind="stable")][:2]] + [int(i) for i in healthy[:2]]
-        return picks, curves
-
-    def report(self, tuning: Mapping[str, Any]) -> dict[str, Any]:
-        """Metrics, tables and figures from the stored per-case results (one method and seed in memory at a time)."""
-        gt = self._ground_truth(self.test)
-        table = self.test.table
-        y = gt["label"].reshape(len(table), -1).any(axis=1).astype(np.int64)
-        cases = table["case_id"].astype(str).to_numpy()
-        picks, curve_picks = self._picks(gt, y)
-        rows, case_rows, summary, pr_curves, examples, curves = [], [], {}, {}, {}, None
-        for method in self.methods:
-            per_seed = []
-            for seed in self._seeds(method):
-                r = self._load(method, seed)
-                maps = r["map"].astype(np.float32)
-                cosine = r.get("cosine") if method in ANOFPDM_METHODS else None
-                # the slice classification is the health score's (the cosine unless the settings choose another)
-                health = r.get("health", cosine) if method in ANOFPDM_METHODS else None
-                per_seed.append(
-                    segmentation_metrics(
-                        r["mask"],
-                        r["mask_ungated"],
-                        gt["label"],
-                        maps,
-                        gt["brain"],
-                        y,
-                        cases,
-                        cosine=health,
-                        y_pred=r["pred_label"],
-                    )
-                )
-                per_case = case_metrics(r, gt["label"], gt["brain"], cases, health)
-                case_rows += [{"method": method, "seed": seed, **row} for row in per_case]
-                write_case_reports(self.output_dir / "metrics_reports" / f"{method}_seed{seed}", per_case)
-                ungated = r["mask_ungated"]
-                rows.append(
-                    pd.DataFrame(
-                        {
-                            "method": method,
-                            "seed": seed,
-                            "case_id": cases,
-                            "slice_index": table["slice_index"].to_numpy(),
-                            "source_index": table["source_index"].to_numpy(),
-                            "label": y,
-                            "lesion_area": gt["label"].reshape(len(y), -1).sum(1),
-                            "pred_label": r["pred_label"],
-                            "mask_area": r["mask"].reshape(len(y), -1).sum(1),
-                            "dice_mixed": dice_per_slice(r["mask"], gt["label"]),
-                            "iou_mixed": iou_per_slice(r["mask"], gt["label"]),
-                            "dice_unhealthy": np.where(y == 1, dice_per_slice(ungated, gt["label"]), np.nan),
-                            "iou_unhealthy": np.where(y == 1, iou_per_slice(ungated, gt["label"]), np.nan),
-                            "cosine": cosine if cosine is not None else np.nan,
-                            "health": health if health is not None else np.nan,
-                        }
-                    )
-                )
-                if seed != self._seeds(method)[0]:
-                    continue
-                examples[self._label(method)] = {"map": maps[picks], "mask": r["mask"][picks]}
-                if y.any():
-                    acc = PooledAUPRC()
-                    acc.update(maps, gt["label"], gt["brain"])
-                    precision, recall, _ = acc.precision_recall_curve()
-                    pr_curves[self._label(method)] = (precision, recall, acc.compute())
-                if method in ANOFPDM_METHODS and (curves is None or method == "anofpdm"):
-                    curves = {k: r[k][curve_picks] for k in ("divergence", "mse_guided", "mse_reference", "end_step")}
-                    curves["cosine"] = r["cosine"][curve_picks]
-                    curves["steps"] = self.store.timesteps(method, seed, cases[0])
-            agg = aggregate_over_seeds(per_seed)
-            summary[method] = {
-                "label": self._label(method),
-                "tuning": METHODS[method].tuning,
-                "seeds": self._seeds(method),
-                "metrics": {k: {"mean": v[0], "std": v[1]} for k, v in agg.items()},
-                "tuned": dict(tuning.get(method, {})),
-            }
-        with atomic_path(self.output_dir / "metrics.csv") as tmp:
-            pd.concat(rows, ignore_index=True).to_csv(tmp, index=False)
-        with atomic_path(self.output_dir / "cases.csv") as tmp:
-            pd.DataFrame(case_rows).to_csv(tmp, index=False)
-        out = {
-            "num_test_slices": int(len(y)),
-            "num_unhealthy": int(y.sum()),
-            "test_cases": sorted(set(cases.tolist())),
-            "tuning_objective": self.tuning_objective,
-            "methods": summary,
-        }
-        write_text(self.output_dir / "summary.json", json.dumps(out, indent=2, default=float))
-        write_text(self.output_dir / "summary.md", summary_markdown(out))
-        write_figures(
-            self.output_dir,
-            self.test,
-            self.modalities,
-            self.intensity_modality,
-            self.map_modalities,
-            gt,
-            y,
-            picks,
-            curve_picks,
-            examples,
-            pr_curves,
-            curves,
-        )
-        logger.info("evaluation written to %s", self.output_dir)
-        return out

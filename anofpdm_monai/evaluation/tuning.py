@@ -5,15 +5,26 @@ AnoFPDM's own rows never use it: they are calibrated from image labels only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..inferers.baselines import ReconstructionInferer
+from ..io import write_text
 from ..metrics import dice_per_slice, pooled_dice
 from ..postprocessing import remove_small_components
+from .methods import METHODS
+from .store import fingerprint
 
-__all__ = ["TUNING_OBJECTIVES", "threshold_candidates", "tune_threshold"]
+__all__ = ["TUNING_OBJECTIVES", "PixelLabelTuning", "threshold_candidates", "tune_threshold"]
+
+logger = logging.getLogger(__name__)
 
 TUNING_OBJECTIVES = ("pooled", "unhealthy", "mixed")
 
@@ -78,3 +89,104 @@ def tune_threshold(
         if dice > best_dice:
             best_thr, best_dice = thr, dice
     return best_thr, best_dice
+
+
+class PixelLabelTuning:
+    """The evaluator's job on the validation split with pixel labels: the thresholds (and noise levels) of the
+    methods tuned WITH pixel labels, cached in ``tuning.json``. A part of
+    :class:`~anofpdm_monai.evaluation.runner.Evaluator` (its attributes and inferer factories)."""
+
+    def _tuning(self) -> dict[str, Any]:
+        path = self.output_dir / "tuning.json"
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        key = {
+            "noise_levels": self.noise_levels,
+            "num_steps": self.num_steps,
+            "digest": self.digest,
+            "median_kernel": self.median_kernel,
+            "min_component_size": self.min_component_size,
+            "map_channels": self.map_channels,
+            "intensity": [self.intensity_modality, self.polarity],
+            "guidance_scale": self._baseline_guidance(),
+            "seed": self.seeds[0],
+            "objective": self.tuning_objective,
+            "validation": [sorted(set(self.val.table["case_id"].astype(str))), len(self.val)],
+        }
+        if state.get("_key") != key:
+            state = {"_key": key}
+        return state
+
+    def _save_tuning(self, state: Mapping[str, Any]) -> None:
+        write_text(self.output_dir / "tuning.json", json.dumps(state, indent=2))
+
+    def _val_maps(self, inferer: Any) -> np.ndarray:
+        maps = []
+        for batch in tqdm(self._batches(self.val), desc="validation", leave=False, disable=not self.progress):
+            keys = self._noise_keys(inferer, batch)
+            out = inferer(batch["image"].to(self.device), self.network, noise_keys=keys)
+            maps.append(out.filtered_map.float().cpu().numpy())
+        return np.concatenate(maps)
+
+    def _val_maps_shared_inversion(self, inferers: Sequence[ReconstructionInferer]) -> list[np.ndarray]:
+        """:meth:`_val_maps` of several DDIM inferers with the same noise level and steps: each batch is inverted
+        once and decoded by each of them."""
+        maps: list[list[np.ndarray]] = [[] for _ in inferers]
+        for batch in tqdm(self._batches(self.val), desc="validation", leave=False, disable=not self.progress):
+            x = batch["image"].to(self.device)
+            inverted = inferers[0].invert(x, self.network)
+            for parts, inferer in zip(maps, inferers):
+                parts.append(inferer(x, self.network, inverted=inverted).filtered_map.float().cpu().numpy())
+        return [np.concatenate(parts) for parts in maps]
+
+    def tune(self) -> dict[str, Any]:
+        """Tune the pixel-label methods on the validation split (cached in ``tuning.json``)."""
+        state = self._tuning()
+        for method in self.methods:
+            if not METHODS[method].pixel_labels:
+                continue
+            # what a method's maps depend on beyond the tuning key: the AnoFPDM calibration, the classifier
+            depends: dict[str, Any] = {}
+            if method == "anofpdm_tuned":
+                cal = self.anofpdm_calibration("ddim")
+                depends["calibration"] = fingerprint(cal.without_created())
+            if method == "ddim_clf":
+                depends = {"classifier": self.classifier_digest, "classifier_scales": self.classifier_scales}
+            if method in state and all(state[method].get(k) == v for k, v in depends.items()):
+                continue
+            logger.info("tuning %s on the validation split with pixel labels", method)
+            best: dict[str, Any] = {"val_dice": -1.0}
+            if method == "anofpdm_tuned":
+                maps = self._val_maps(self._from_calibration(cal, self.seeds[0]))
+                thr, dice = self._tune(maps)
+                best = {"threshold": thr, "val_dice": dice}
+            elif method == "intensity":
+                maps = self._val_maps(self._intensity(None))
+                thr, dice = self._tune(maps)
+                best = {"threshold": thr, "val_dice": dice}
+            elif method == "ddim_clf":
+                for t in self.noise_levels:
+                    inferers = [self._baseline(method, t, None, self.seeds[0], s) for s in self.classifier_scales]
+                    for scale, maps in zip(self.classifier_scales, self._val_maps_shared_inversion(inferers)):
+                        thr, dice = self._tune(maps)
+                        if dice > best["val_dice"]:
+                            best = {"noise_level": t, "classifier_scale": scale, "threshold": thr, "val_dice": dice}
+            else:
+                for t in self.noise_levels:
+                    maps = self._val_maps(self._baseline(method, t, None, self.seeds[0]))
+                    thr, dice = self._tune(maps)
+                    if dice > best["val_dice"]:
+                        best = {"noise_level": t, "threshold": thr, "val_dice": dice}
+            best.update(depends)
+            state[method] = best
+            self._save_tuning(state)
+        return state
+
+    @cached_property
+    def _val_truth(self) -> dict[str, np.ndarray]:
+        """Pixel labels and brain masks of the validation split, read once (only when something is tuned)."""
+        return self._ground_truth(self.val)
+
+    def _tune(self, maps: np.ndarray) -> tuple[float, float]:
+        gt = self._val_truth
+        candidates = threshold_candidates(maps, gt["brain"])
+        return tune_threshold(maps, gt["label"], candidates, self.min_component_size, self.tuning_objective)
