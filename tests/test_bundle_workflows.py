@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import SMALL_TRAIN as BASE_TRAIN
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from anofpdm_monai.apps.inference import VolumeInferer
@@ -29,15 +30,7 @@ BUNDLES = [("anofpdm_brats21", ["flair", "t1", "t1ce", "t2"]), ("anofpdm_atlas",
 # a schedule unlike the default one: every later stage must use it
 SCHEDULE = {"num_train_timesteps": 400, "beta_end": 0.025}
 SMALL_TRAIN = {
-    "image_size": 32,
-    "network_size": "tiny",
-    "batch_size": 8,
-    "val_batch_size": 16,
-    "num_workers": 0,
-    "num_epochs": 1,
-    "preview_interval": 0,
-    "progress": False,
-    "device": "cpu",
+    **BASE_TRAIN,
     "num_train_timesteps": SCHEDULE["num_train_timesteps"],
     "noise_schedule::beta_end": SCHEDULE["beta_end"],
 }

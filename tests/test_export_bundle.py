@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import SMALL_TRAIN
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from anofpdm_monai import __version__
@@ -35,17 +36,6 @@ SCHEMA = REPO / "bundles" / "meta_schema.json"
 TINY_CASE = REPO.parent / "shared" / "data" / "tiny" / "BraTS2021_00006_3mm"
 BUNDLE = "anofpdm_brats21"
 MODALITIES = ["flair", "t1", "t1ce", "t2"]
-SMALL_TRAIN = {
-    "image_size": 32,
-    "network_size": "tiny",
-    "batch_size": 8,
-    "val_batch_size": 16,
-    "num_workers": 0,
-    "num_epochs": 1,
-    "preview_interval": 0,
-    "progress": False,
-    "device": "cpu",
-}
 GRID = {"t_max": 200, "stride": 50, "min_component_size": 2, "median_kernel": 3}
 CASE = "BraTS2021_90003"  # a synthetic test case under a BraTS 2021 name, so that --input_dir finds it
 RUN_TIMEOUT = 300

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from bundle_helpers import SMALL_TRAIN
 from ignite.engine import Events
 
 from anofpdm_monai.apps import options
@@ -19,17 +20,6 @@ from anofpdm_monai.data.datalist import write_datalist
 from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy
 
 BUNDLE = "anofpdm_atlas"
-SMALL_TRAIN = {
-    "image_size": 32,
-    "network_size": "tiny",
-    "batch_size": 8,
-    "val_batch_size": 16,
-    "num_workers": 0,
-    "num_epochs": 1,
-    "preview_interval": 0,
-    "progress": False,
-    "device": "cpu",
-}
 
 
 @pytest.fixture(scope="module")
