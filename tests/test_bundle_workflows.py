@@ -181,6 +181,46 @@ def test_official_preset_through_the_bundles(trained, tmp_path):
     assert len(summary["done"]) == 2 and not summary["failed"]
 
 
+def test_measure_every_through_the_bundles(trained, tmp_path):
+    """``--measure_every 2`` on calibrate.json is recorded in the calibration (its grid is the full one, the measured
+    steps every second one), and inference runs with it and writes every case."""
+    calibration = tmp_path / "calibration_sparse.json"
+    options = {**GRID, "stride": 25}  # 0, 25, ..., 200: 9 steps, measured at 0, 50, ..., 200
+    cal = _workflow(
+        trained["bundle"],
+        "calibrate",
+        "infer",
+        checkpoint=str(trained["checkpoint"]),
+        output_dir=str(tmp_path),
+        calibration_file=str(calibration),
+        guidance_scales=[1.0, 3.0],
+        device="cpu",
+        progress=False,
+        measure_every=2,
+        **trained["common"],
+        **options,
+    )
+    _run(cal)
+    record = Calibration.load(calibration)
+    assert record.settings.measure_every == 2 and list(record.timesteps) == list(range(0, 201, 25))
+    assert record.settings.measured_grid(SCHEDULE["num_train_timesteps"]) == list(range(0, 201, 50))
+    wf = _workflow(
+        trained["bundle"],
+        "inference",
+        "infer",
+        checkpoint=str(trained["checkpoint"]),
+        calibration=str(calibration),
+        output_dir=str(tmp_path / "infer"),
+        device="cpu",
+        progress=False,
+        **trained["common"],
+    )
+    _run(wf)
+    assert wf.parser.get_parsed_content("settings").measure_every == 2
+    summary = json.loads((tmp_path / "infer" / "inference_summary.json").read_text())
+    assert len(summary["done"]) == 2 and not summary["failed"]
+
+
 def test_json_override_swaps_a_postprocessing_step(trained, tmp_path):
     """Replacing the median filter by MONAI's ``Identityd`` in a JSON file gives the unfiltered map, exactly what the
     library gives with ``median_kernel=1``."""
