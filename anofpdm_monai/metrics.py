@@ -86,7 +86,7 @@ def _as_slices(x: NdarrayOrTensor, name: str) -> np.ndarray:
     arr = _to_numpy(x, name)
     if arr.ndim < 2:
         raise ValueError(f"`{name}` must have shape (N, H, W) (slices first), got shape {arr.shape}")
-    return arr.reshape(arr.shape[0], -1)
+    return arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:])))  # not -1: an empty selection (0, H, W) too
 
 
 def _as_mask(x: NdarrayOrTensor, name: str) -> np.ndarray:
@@ -505,7 +505,9 @@ class PooledAUPRC(CumulativeIterationMetric):
         Raises:
             ValueError: on mismatched shapes, non-binary masks or non-finite maps.
         """
-        self.extend(self._add(maps, gt, brain))
+        counts = self._add(maps, gt, brain)
+        if len(counts):  # MONAI's buffers cannot hold an empty batch (a selection of no slice adds nothing)
+            self.extend(counts)
 
     def _add(self, maps: NdarrayOrTensor, gt: NdarrayOrTensor, brain: NdarrayOrTensor | None) -> torch.Tensor:
         """Store the brain pixels of a batch; return each slice's ``(n_positive, n_negative)``, shape ``(N, 2)``."""

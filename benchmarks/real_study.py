@@ -105,7 +105,7 @@ def fold_datalist(entries: list[dict[str, Any]], folds: list[list[str]], k: int,
 
 
 def run_bundle(workflow: str, **overrides: Any) -> None:
-    from anofpdm_monai.bundle import run_workflow
+    from anofpdm_monai.apps.workflow import run_workflow
 
     run_workflow("anofpdm_brats21", workflow, **overrides)
 

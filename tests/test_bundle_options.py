@@ -1,7 +1,7 @@
 """The bundle commands' options mean what they say (anofpdm_monai/apps/options.py): booleans in any spelling
 (``--use_ema false`` used to be true), unknown options refused with the closest name, ``--help`` listing the options
 and running nothing, type and value errors naming the option before any work; through
-``anofpdm_monai.bundle.run_workflow`` and the real ``python -m monai.bundle run`` command."""
+``anofpdm_monai.apps.workflow.run_workflow`` and the real ``python -m monai.bundle run`` command."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from test_volume_inference import BRATS, GRID, SIZE, _tiny_net
 
 from anofpdm_monai.apps import options
 from anofpdm_monai.apps.errors import install, root_cause
-from anofpdm_monai.bundle import WORKFLOWS, config_files, run_workflow
+from anofpdm_monai.apps.workflow import run_workflow
+from anofpdm_monai.bundle import WORKFLOWS, config_files
 from anofpdm_monai.calibration import Calibration, CalibrationError
 from anofpdm_monai.data import VolumePreprocessor
 from anofpdm_monai.data.synthetic import make_case, phantom_anatomy

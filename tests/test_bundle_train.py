@@ -380,7 +380,7 @@ def test_multi_gpu_config_selects_backend_by_device():
     config = json.loads(Path(config_files("anofpdm_brats21", "multi_gpu_train")[-1]).read_text())
     init = " ".join(config["initialize"])
     # the backend follows the device inside init_process_group (nccl with CUDA, gloo without: test_distributed)
-    assert "anofpdm_monai.engines.distributed.init_process_group(@dist_timeout)" in init
+    assert "anofpdm_monai.distributed.init_process_group(@dist_timeout)" in init
     assert config["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
     assert config["train::sampler"]["_target_"] == "DistributedSampler"
     # one shared file for every dataset

@@ -13,7 +13,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from anofpdm_monai.bundle import config_files, run_workflow
+from anofpdm_monai.apps.workflow import run_workflow
+from anofpdm_monai.bundle import config_files
 from anofpdm_monai.data import SliceDataset, VolumePreprocessor
 from anofpdm_monai.data.datalist import write_datalist
 from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy

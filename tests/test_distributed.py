@@ -21,7 +21,7 @@ from anofpdm_monai.bundle import config_files
 from anofpdm_monai.data import VolumePreprocessor
 from anofpdm_monai.data.datalist import write_datalist
 from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy
-from anofpdm_monai.engines.distributed import ShardedBatchSampler, shard_cases
+from anofpdm_monai.distributed import ShardedBatchSampler, shard_cases
 from anofpdm_monai.networks import build_diffusion_unet, save_checkpoint
 from anofpdm_monai.schedule import NoiseSchedule
 
@@ -246,7 +246,7 @@ def test_a_failing_case_on_one_rank_does_not_stop_the_others(setup, tmp_path):
 # worker: ``torchrun tests/test_distributed.py <launch> <folder>``) and each rank writes what it saw as JSON.
 # ---------------------------------------------------------------------------------------------------------------
 def _scenario_run_on_rank0(work: Path, rank: int) -> dict:
-    from anofpdm_monai.engines.distributed import run_on_rank0
+    from anofpdm_monai.distributed import run_on_rank0
 
     out: dict = {}
     start = time.monotonic()
@@ -273,7 +273,7 @@ def _scenario_run_on_rank0(work: Path, rank: int) -> dict:
 
 
 def _scenario_claim(work: Path, rank: int) -> dict:
-    from anofpdm_monai.engines.distributed import claim
+    from anofpdm_monai.distributed import claim
 
     got = []
     for item in claim(range(12), "items"):
@@ -382,7 +382,7 @@ LAUNCHES = {  # launch -> (dist_timeout, scenarios in order)
 def _worker(launch: str, work: Path) -> None:
     import torch.distributed as dist
 
-    from anofpdm_monai.engines.distributed import init_process_group, timeout_seconds
+    from anofpdm_monai.distributed import init_process_group, timeout_seconds
 
     timeout, scenarios = LAUNCHES[launch]
     init_process_group(timeout)
@@ -450,7 +450,7 @@ def test_dist_timeout_reaches_init_process_group(monkeypatch):
     import torch.distributed as dist
     from monai.bundle import ConfigParser
 
-    from anofpdm_monai.engines import distributed
+    from anofpdm_monai import distributed
 
     calls: list[dict] = []
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))

@@ -445,3 +445,14 @@ def test_slice_dice_in_a_monai_evaluator_with_metrics_saver(tmp_path):
     assert evaluator.state.metrics["slice_dice"] == pytest.approx(expected, abs=1e-12)
     assert (tmp_path / "metrics.csv").is_file() and "slice_dice" in (tmp_path / "metrics.csv").read_text()
     assert (tmp_path / "slice_dice_raw.csv").is_file()
+
+
+def test_segmentation_metrics_of_healthy_slices_only():
+    """A set without a lesion slice (a healthy case of a per-case table): the unhealthy metrics are NaN, the mixed
+    ones defined (an empty mask on an empty truth scores 1), nothing raises."""
+    n = 3
+    empty = np.zeros((n, 8, 8), dtype=bool)
+    maps = np.random.default_rng(0).uniform(size=(n, 8, 8))
+    m = segmentation_metrics(empty, empty, empty, maps, None, np.zeros(n, int), ["a"] * n)
+    assert np.isnan(m["unhealthy_dice"]) and np.isnan(m["pooled_auprc"]) and m["mixed_dice"] == 1.0
+    assert m["n_unhealthy"] == 0 and m["volume_dice"] == 1.0

@@ -90,7 +90,7 @@ def test_training_command_shows_the_budget_and_no_false_resume(trained):
 
 
 def test_run_workflow_calibration_and_inference_are_quiet(trained):
-    """Through ``anofpdm_monai.bundle.run_workflow`` (the demo's way): neither MONAI's config-folder notice nor
+    """Through ``anofpdm_monai.apps.workflow.run_workflow`` (the demo's way): neither MONAI's config-folder notice nor
     ignite's resume line of the calibration's and the inference's evaluators."""
     root, common = trained["root"], trained["common"]
     calibration = root / "calibration.json"
@@ -111,7 +111,7 @@ def test_run_workflow_calibration_and_inference_are_quiet(trained):
     }
     script = (
         "import json, sys\n"
-        "from anofpdm_monai.bundle import run_workflow\n"
+        "from anofpdm_monai.apps.workflow import run_workflow\n"
         f"run_workflow({BUNDLE!r}, 'calibrate', **json.loads(sys.argv[1]))\n"
         f"run_workflow({BUNDLE!r}, 'inference', **json.loads(sys.argv[2]))\n"
     )

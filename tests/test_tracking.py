@@ -15,7 +15,8 @@ from ignite.engine import Events
 from anofpdm_monai.apps import options
 from anofpdm_monai.apps.evaluate import EvaluationRun, summary_metrics
 from anofpdm_monai.apps.tracking import bundle_params, executed_config, settings_file
-from anofpdm_monai.bundle import config_files, run_workflow
+from anofpdm_monai.apps.workflow import run_workflow
+from anofpdm_monai.bundle import config_files
 from anofpdm_monai.data.datalist import write_datalist
 from anofpdm_monai.data.synthetic import make_dataset, phantom_anatomy
 

@@ -23,7 +23,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ..bundle import run_workflow
 from ..data.datalist import write_datalist
 from ..data.synthetic import make_dataset, template_anatomy
 from ..io import OutputPathError, ensure_writable_dir
@@ -32,6 +31,7 @@ from ..networks.unet import CONDITIONING_MODES
 from ..postprocessing import scaled_min_component_size
 from ..settings import AnoFPDMSettings
 from ..visualize import save_demo_figure
+from .workflow import run_workflow
 
 __all__ = ["main"]
 

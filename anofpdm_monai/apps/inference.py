@@ -31,7 +31,7 @@ from ..calibration import Calibration
 from ..data.datalist import datalist_from_folder, load_datalist
 from ..data.preprocessing import VolumePreprocessor
 from ..data.writers import SaveCaseOutputsd, split_finished
-from ..engines.distributed import rank_and_world
+from ..distributed import rank_and_world
 from ..engines.inference import CaseDataset, CaseEvaluator, InferenceSummary, VolumePrepareBatch
 from ..inferers.anofpdm import AnoFPDMInferer
 from ..inferers.volume import AnoFPDMVolumeInferer

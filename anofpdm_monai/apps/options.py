@@ -13,7 +13,8 @@ reached the config as the string ``"false"``, which is true; ``--help`` ran the 
 * :func:`help_text` lists a workflow's options and their defaults (``--help``).
 * :func:`check_command_line`, called first in each workflow's ``initialize``, does both for the bundle command: it
   reads the ``--key value`` options from ``sys.argv`` the way ``fire`` does (MONAI's ``run`` does not pass them on
-  to the config). :func:`anofpdm_monai.bundle.run_workflow` checks its keyword arguments with :func:`check` itself.
+  to the config). :func:`anofpdm_monai.apps.workflow.run_workflow` checks its keyword arguments with :func:`check`
+  itself.
 
 An option's type is its default's in the config files (``"seed": 0``: an integer), or :data:`OPTION_KINDS` where
 the default does not tell (``null``, an expression). Values in MONAI's own syntax (``"$expr"``, ``"@id"``,
@@ -285,7 +286,7 @@ def _tracking_keys(tracking: Any, defaults: Mapping[str, Any]) -> set[str]:
     if isinstance(tracking, str) and tracking in DEFAULT_EXP_MGMT_SETTINGS:
         train = defaults.get("train")
         if tracking == "mlflow" and isinstance(train, Mapping) and "trainer" in train:
-            from .tracking import settings_file
+            from ..bundle import tracking_settings_file as settings_file
 
             settings = settings_file()
             raise ValueError(
@@ -436,7 +437,7 @@ def command_line() -> tuple[list[str], dict[str, Any]] | None:
 def check_command_line() -> None:
     """First in each workflow's ``initialize`` (after the one-line error hook): for the bundle command, print
     :func:`help_text` and exit 0 on ``--help``, else :func:`check` the command line's options. Nothing for a
-    workflow run from Python (:func:`anofpdm_monai.bundle.run_workflow` checks its own arguments)."""
+    workflow run from Python (:func:`anofpdm_monai.apps.workflow.run_workflow` checks its own arguments)."""
     found = command_line()
     if found is None:
         return

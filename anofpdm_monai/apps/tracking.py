@@ -30,6 +30,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
+from ..bundle import tracking_settings_file
+from .options import _is_option, _monai_syntax
+
 __all__ = ["MLFlowTracker", "bundle_params", "executed_config", "run_name", "settings_file", "sqlite_path"]
 
 #: keys of the tracking settings themselves, not options of the workflow
@@ -41,9 +44,7 @@ _CONFIG_NAME = re.compile(r"(?P<dir>.*) \+ '(?P<name>/config_\d{8}_\d{6}\.json)'
 
 def settings_file() -> Path:
     """The bundles' MLflow tracking settings, ``bundles/common/configs/mlflow.json``, for MONAI's ``--tracking``."""
-    from ..bundle import repository_root
-
-    return repository_root() / "bundles" / "common" / "configs" / "mlflow.json"
+    return tracking_settings_file()
 
 
 def run_name(prefix: str = "run") -> str:
@@ -72,8 +73,6 @@ def bundle_params(config_file: str | os.PathLike | None) -> dict[str, str]:
     them, as defaulted or overridden) as MLflow parameters. Options whose value is a MONAI expression or reference
     (``device``, ``output_dir``, ... unless given on the command line) are left out: the logged config holds them.
     Empty when there is no file."""
-    from .options import _is_option, _monai_syntax
-
     path = executed_config(config_file)
     if path is None or not Path(path).is_file():
         return {}

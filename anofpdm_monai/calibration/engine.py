@@ -22,7 +22,7 @@ from monai.inferers import Inferer
 from monai.utils import CommonKeys
 from tqdm.auto import tqdm
 
-from ..engines.distributed import ShardedBatchSampler, gather_objects, rank_and_world
+from ..distributed import ShardedBatchSampler, gather_objects, rank_and_world
 from ..inferers.anofpdm import AnoFPDMInferer
 from ..inferers.health import health_score
 from ..settings import DEFAULT_GUIDANCE_CANDIDATES, DEFAULT_TOLERANCE, check_guidance_scale
@@ -125,7 +125,7 @@ class StatisticsAccumulator:
 
     def gathered(self) -> StatisticsAccumulator:
         """The accumulator of every rank's batches in the single-process batch order (itself in one process); the
-        ranks must have drawn their batches from a :class:`~anofpdm_monai.engines.distributed.ShardedBatchSampler`."""
+        ranks must have drawn their batches from a :class:`~anofpdm_monai.distributed.ShardedBatchSampler`."""
         per_rank = gather_objects(self._parts)
         merged = StatisticsAccumulator(self.guidance_scales)
         merged._parts = {k: ShardedBatchSampler.interleave([p[k] for p in per_rank]) for k in self._parts}

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..distributed import gather_objects, rank_and_world
 from ..io import default_mode, first_line
 from .datalist import load_datalist
 from .preprocessing import SLICE_TABLE_COLUMNS, SliceArrays, VolumePreprocessor
@@ -223,8 +224,6 @@ class SliceCache:
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"duplicate case ids in the datalist: {dup[:5]}")
-        from ..engines.distributed import gather_objects, rank_and_world  # here: engines imports data
-
         rank, world = rank_and_world()
         share = world > 1 and (shared is None or bool(shared))
         mine = list(entries)[rank::world] if share else list(entries)

@@ -31,8 +31,8 @@ from monai.engines import SupervisedEvaluator
 
 from ..data.preprocessing import source_axial_index, unwrap_transform_error
 from ..data.writers import input_record
+from ..distributed import gather_objects, rank_and_world
 from ..io import first_line, release_output_lock, write_json
-from .distributed import gather_objects, rank_and_world
 from .handlers import ResumeLogFilter
 
 __all__ = ["CaseDataset", "VolumePrepareBatch", "CaseEvaluator", "InferenceSummary", "InferenceFailures"]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..engines.distributed import claim
+from ..distributed import claim
 from ..inferers.baselines import DEFAULT_CLASSIFIER_SCALE
 from .store import fingerprint
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..calibration import Calibration, collect_statistics, make_calibration
-from ..engines.distributed import barrier, rank_and_world, run_on_rank0
+from ..distributed import barrier, rank_and_world, run_on_rank0
 from ..inferers.anofpdm import AnoFPDMInferer
 from ..inferers.baselines import (
     DEFAULT_CLASSIFIER_SCALE,

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from ..io import first_line
+from .io import first_line
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
