@@ -134,12 +134,10 @@ def test_bundle_inference_equals_python_volume_inferer(trained):
         assert prov[0] == prov[1]
 
 
-def test_official_preset_through_the_bundles(trained, tmp_path):
-    """``--preset official`` calibrates with the dataset's official variant (an explicit grid still wins), single
-    options change it (a command-line ``"false"`` is a flag), and inference runs with the calibration's settings."""
-    official = {"anofpdm_brats21": ("brats", "mean", 2.0), "anofpdm_atlas": ("atlas", "last", 30.0)}
-    dataset, aggregation, w = official[trained["bundle"]]
-    calibration = tmp_path / "calibration_official.json"
+def _calibrate_then_infer(trained, tmp_path, name: str, **options) -> tuple[Calibration, ConfigWorkflow]:
+    """calibrate.json with ``options`` into ``<name>.json``, then inference.json with that calibration: both cases
+    written. Returns the calibration record and the inference workflow."""
+    calibration = tmp_path / f"{name}.json"
     cal = _workflow(
         trained["bundle"],
         "calibrate",
@@ -150,75 +148,52 @@ def test_official_preset_through_the_bundles(trained, tmp_path):
         guidance_scales=[1.0, 3.0],
         device="cpu",
         progress=False,
-        preset="official",
-        inversion_eps="raw",
-        end_step_inclusive="true",
         **trained["common"],
-        **GRID,
+        **options,
     )
     _run(cal)
     record = Calibration.load(calibration)
+    wf = _workflow(
+        trained["bundle"],
+        "inference",
+        "infer",
+        checkpoint=str(trained["checkpoint"]),
+        calibration=str(calibration),
+        output_dir=str(tmp_path / f"infer_{name}"),
+        device="cpu",
+        progress=False,
+        **trained["common"],
+    )
+    _run(wf)
+    summary = json.loads((tmp_path / f"infer_{name}" / "inference_summary.json").read_text())
+    assert len(summary["done"]) == 2 and not summary["failed"]
+    return record, wf
+
+
+def test_official_preset_through_the_bundles(trained, tmp_path):
+    """``--preset official`` calibrates with the dataset's official variant (an explicit grid still wins), single
+    options change it (a command-line ``"false"`` is a flag), and inference runs with the calibration's settings."""
+    official = {"anofpdm_brats21": ("brats", "mean", 2.0), "anofpdm_atlas": ("atlas", "last", 30.0)}
+    dataset, aggregation, w = official[trained["bundle"]]
+    options = dict(preset="official", inversion_eps="raw", end_step_inclusive="true", **GRID)
+    record, wf = _calibrate_then_infer(trained, tmp_path, "calibration_official", **options)
     expected = AnoFPDMSettings.preset("official", dataset).replace(inversion_eps="raw", end_step_inclusive=True, **GRID)
     assert record.settings == expected.with_grid(SCHEDULE["num_train_timesteps"])
     assert record.settings.aggregation == aggregation and record.settings.reference == "healthy"
     assert record.guidance_scale == w and [c["guidance_scale"] for c in record.candidates] == [w]
     assert record.settings.health_score == "cosine" and record.settings.inversion_timing == "official"
     assert record.subset == {"size": record.num_healthy + record.num_unhealthy, "of": record.subset["of"], "seed": 0}
-    wf = _workflow(
-        trained["bundle"],
-        "inference",
-        "infer",
-        checkpoint=str(trained["checkpoint"]),
-        calibration=str(calibration),
-        output_dir=str(tmp_path / "infer"),
-        device="cpu",
-        progress=False,
-        **trained["common"],
-    )
-    _run(wf)
     assert wf.parser.get_parsed_content("settings") == record.settings
-    summary = json.loads((tmp_path / "infer" / "inference_summary.json").read_text())
-    assert len(summary["done"]) == 2 and not summary["failed"]
 
 
 def test_measure_every_through_the_bundles(trained, tmp_path):
     """``--measure_every 2`` on calibrate.json is recorded in the calibration (its grid is the full one, the measured
     steps every second one), and inference runs with it and writes every case."""
-    calibration = tmp_path / "calibration_sparse.json"
-    options = {**GRID, "stride": 25}  # 0, 25, ..., 200: 9 steps, measured at 0, 50, ..., 200
-    cal = _workflow(
-        trained["bundle"],
-        "calibrate",
-        "infer",
-        checkpoint=str(trained["checkpoint"]),
-        output_dir=str(tmp_path),
-        calibration_file=str(calibration),
-        guidance_scales=[1.0, 3.0],
-        device="cpu",
-        progress=False,
-        measure_every=2,
-        **trained["common"],
-        **options,
-    )
-    _run(cal)
-    record = Calibration.load(calibration)
+    options = {**GRID, "stride": 25, "measure_every": 2}  # 0, 25, ..., 200: 9 steps, measured at 0, 50, ..., 200
+    record, wf = _calibrate_then_infer(trained, tmp_path, "calibration_sparse", **options)
     assert record.settings.measure_every == 2 and list(record.timesteps) == list(range(0, 201, 25))
     assert record.settings.measured_grid(SCHEDULE["num_train_timesteps"]) == list(range(0, 201, 50))
-    wf = _workflow(
-        trained["bundle"],
-        "inference",
-        "infer",
-        checkpoint=str(trained["checkpoint"]),
-        calibration=str(calibration),
-        output_dir=str(tmp_path / "infer"),
-        device="cpu",
-        progress=False,
-        **trained["common"],
-    )
-    _run(wf)
-    assert wf.parser.get_parsed_content("settings").measure_every == 2
-    summary = json.loads((tmp_path / "infer" / "inference_summary.json").read_text())
-    assert len(summary["done"]) == 2 and not summary["failed"]
+    assert wf.parser.get_parsed_content("settings") == record.settings
 
 
 def test_json_override_swaps_a_postprocessing_step(trained, tmp_path):
