@@ -214,7 +214,8 @@ class AnoFPDMSettings:
             the measured steps, on which t_e, the maps and the health score are computed); the grid steps between
             only advance the DDIM inversion with one null call each. A fine inversion with sparse measurements:
             ``K + ceil(K / n)`` network evaluations per slice for a K-step grid instead of ``2K``. 1 (every step)
-            is the official code's; DDIM only.
+            is the official code's. DDIM only: the DDPM forward process has no inversion to advance, measures every
+            step of its grid and ignores it (so ``replace(forward="ddpm")`` keeps a valid setting).
         calibration_subset: calibrate on a seeded random subset of this many validation slices (healthy and
             unhealthy alike, drawn from all of them; M_max, tau and w* all come from the subset), as the official
             code does (10 batches of 50 slices for BraTS, of 100 for ATLAS); None (the default): every validation
@@ -279,8 +280,6 @@ class AnoFPDMSettings:
         set_(self, "measure_every", _integer("measure_every", self.measure_every))
         if self.measure_every < 1:
             raise ValueError(f"measure_every must be >= 1, got {self.measure_every}")
-        if self.measure_every > 1 and self.forward != "ddim":
-            raise ValueError("measure_every > 1 needs forward 'ddim' (DDPM has no inversion to advance: use a stride)")
         if not isinstance(self.end_step_inclusive, bool):
             raise ValueError(f"end_step_inclusive must be true or false, got {self.end_step_inclusive!r}")
         if self.calibration_subset is not None:
@@ -322,8 +321,9 @@ class AnoFPDMSettings:
         return make_step_grid(self.t_max, self.stride, self.timesteps, num_train_timesteps)
 
     def measured_grid(self, num_train_timesteps: int = 1000) -> list[int]:
-        """The grid steps where the statistics and maps are measured (every ``measure_every``-th of :meth:`grid`)."""
-        return self.grid(num_train_timesteps)[:: self.measure_every]
+        """The grid steps where the statistics and maps are measured: every ``measure_every``-th of :meth:`grid` for
+        DDIM, all of them for DDPM."""
+        return self.grid(num_train_timesteps)[:: self.measure_every if self.forward == "ddim" else 1]
 
     def network_evaluations(self, num_train_timesteps: int = 1000) -> int:
         """Network evaluations per slice of one forward process: two (healthy and null) at each measured step, one

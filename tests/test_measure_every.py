@@ -165,13 +165,22 @@ def test_options_errors_and_calibration_record(tmp_path):
     for bad, match in (
         ({"measure_every": 0}, "measure_every must be >= 1"),
         ({"measure_every": 1.5}, "measure_every must be an integer"),
-        ({"measure_every": 2, "forward": "ddpm"}, "measure_every > 1 needs forward 'ddim'"),
     ):
         with pytest.raises(ValueError, match=match):
             AnoFPDMSettings(**bad)
     x = torch.rand(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
-    with pytest.raises(ValueError, match="measure_every > 1 needs forward='ddim'"):
-        run_forward_process(RowwiseNet(), x, SCHEDULE, [0, 5, 10], [1.0], [0], "ddpm", measure_every=2)
+    # DDPM has nothing to advance between measurements: it measures every step of its grid and ignores the option
+    ddpm = AnoFPDMSettings(t_max=20, stride=5, measure_every=2, forward="ddpm")
+    assert ddpm.measured_grid() == ddpm.grid() == [0, 5, 10, 15, 20] and ddpm.network_evaluations() == 10
+    runs = [
+        run_forward_process(
+            RowwiseNet(), x, SCHEDULE, [0, 5, 10], [1.0], [0], "ddpm", measure_every=e,
+            generator=torch.Generator().manual_seed(3),
+        )
+        for e in (1, 2)
+    ]  # fmt: skip
+    for f in ("divergence", "mse_guided", "mse_reference", "map_sum"):
+        torch.testing.assert_close(getattr(runs[0], f), getattr(runs[1], f), rtol=0, atol=0)
     # a baseline curve has one row per MEASURED step
     with pytest.raises(ValueError, match=r"\(measured grid steps, map channels\) = \(2, 1\)"):
         AnoFPDMInferer(

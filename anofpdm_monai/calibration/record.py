@@ -403,7 +403,7 @@ def _check_baseline(cal: Calibration, source: str) -> None:
                 f"{cal.settings.divergence_baseline!r}"
             )
         return
-    shape = (len(cal.timesteps[:: cal.settings.measure_every]), len(cal.map_channels) or len(cal.m_max))
+    shape = (len(cal.settings.measured_grid(10**9)), len(cal.map_channels) or len(cal.m_max))
     try:
         values = np.asarray(curve, dtype=np.float64)
     except (TypeError, ValueError):

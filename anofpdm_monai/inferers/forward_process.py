@@ -169,8 +169,8 @@ def run_forward_process(
             official ``calc_pred_xstart_loop``: the predictions at t_k see a state one level ahead).
         measure_every: the statistics and maps are measured at every n-th grid step (indices 0, n, 2n, ...); the
             steps between only advance the DDIM inversion, with one null call each (``"aligned"``) or none
-            (``"official"``, whose extra call already moves the state). 1: every step. DDIM only (a DDPM step
-            between measurements would be a wasted call). The result's ``timesteps`` are the measured steps.
+            (``"official"``, whose extra call already moves the state). 1: every step. DDIM only: the DDPM forward
+            process measures every step of its grid (ignores it). The result's ``timesteps`` are the measured steps.
 
     Returns:
         :class:`ForwardProcessResult`.
@@ -185,8 +185,8 @@ def run_forward_process(
     if isinstance(measure_every, bool) or int(measure_every) != measure_every or measure_every < 1:
         raise ValueError(f"measure_every must be an integer >= 1, got {measure_every!r}")
     measure_every = int(measure_every)
-    if measure_every > 1 and forward != "ddim":
-        raise ValueError("measure_every > 1 needs forward='ddim' (for DDPM use a coarser grid)")
+    if forward != "ddim":  # DDPM has no inversion to advance between measurements: every step is measured
+        measure_every = 1
     measured = grid[::measure_every]
     ws = torch.as_tensor(guidance_scales, dtype=torch.float32, device=x0.device).reshape(-1)
     if ws.numel() == 0 or not bool(torch.isfinite(ws).all()) or bool((ws < 0).any()):
