@@ -473,7 +473,8 @@ def test_official_preset_runs_end_to_end():
 def test_default_settings_are_unchanged():
     s = AnoFPDMSettings()
     assert {k: getattr(s, k) for k in NEW_DEFAULTS} == NEW_DEFAULTS
-    assert (s.stride, s.reference, s.aggregation, s.health_score) == (2, "null", "mean", "mse_gap")
+    assert (s.stride, s.reference, s.aggregation, s.health_score) == (10, "null", "mean", "mse_gap")
+    assert s.network_evaluations() == 120  # issue 23: at most 120 network evaluations per slice
     inferer = AnoFPDMInferer()
     assert inferer.guidance_scale == DEFAULT_GUIDANCE_SCALE
 
