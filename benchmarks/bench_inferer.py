@@ -380,7 +380,8 @@ def run_config(args: argparse.Namespace, cfg: dict[str, Any], save_tensors: bool
     if save_tensors:
         out["summary"] = {k: v.detach().cpu() for k, v in summary.items()}
         out["result"] = None if result is None else _result_fields(result)
-        out["timesteps"] = torch.as_tensor(grid)
+        # the steps the end indices refer to: the measured ones (all of the grid unless measure_every > 1)
+        out["timesteps"] = torch.as_tensor(grid if result is None else result.timesteps)
     return out
 
 
