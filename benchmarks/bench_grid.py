@@ -57,7 +57,13 @@ from anofpdm_monai.calibration import Calibration, CalibrationStatistics, calibr
 from anofpdm_monai.data import SliceDataset  # noqa: E402
 from anofpdm_monai.evaluation.runner import Evaluator  # noqa: E402
 from anofpdm_monai.inferers import AnoFPDMInferer, ForwardProcessResult, run_forward_process  # noqa: E402
-from anofpdm_monai.metrics import dice_per_slice, segmentation_metrics  # noqa: E402
+from anofpdm_monai.metrics import (  # noqa: E402
+    DEFAULT_SMOOTH,
+    _dice_from_counts,
+    _overlap_counts,
+    dice_per_slice,
+    segmentation_metrics,
+)
 from anofpdm_monai.networks import load_network  # noqa: E402
 from anofpdm_monai.settings import (  # noqa: E402
     CALIBRATED_FIELDS,
@@ -434,10 +440,7 @@ class SliceParts:
         label = gt["label"][tidx].astype(bool)
         self.unhealthy = gt["y"][tidx] == 1
         self.dice = dice_per_slice(out.mask_ungated.numpy(), label)
-        gated = out.mask.numpy().astype(bool)
-        self.inter = (gated & label).reshape(len(label), -1).sum(1).astype(np.float64)
-        self.n_pred = gated.reshape(len(label), -1).sum(1).astype(np.float64)
-        self.n_gt = label.reshape(len(label), -1).sum(1).astype(np.float64)
+        self.inter, self.n_pred, self.n_gt = (c.astype(np.float64) for c in _overlap_counts(out.mask.numpy(), label))
         _, self.volume = np.unique(gt["case"][tidx], return_inverse=True)
         brain = gt["brain"][tidx].astype(bool)
         scores = out.filtered_map.numpy().astype(np.float64)[brain]
@@ -458,7 +461,7 @@ class SliceParts:
         recall_step = np.diff(np.r_[0.0, tp]) / max(tp[-1], 1e-300)
         return {
             "unhealthy_dice": float((u * self.dice).sum() / u.sum()),
-            "volume_dice": float(np.mean((2.0 * inter + 1e-6) / (n_pred + n_gt + 1e-6))),
+            "volume_dice": float(np.mean(_dice_from_counts(inter, n_pred, n_gt, DEFAULT_SMOOTH))),
             "pooled_auprc": float((recall_step * precision).sum()),
         }
 

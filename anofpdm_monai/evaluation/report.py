@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..io import atomic_folder, atomic_path, write_text
 from ..metrics import PooledAUPRC, aggregate_over_seeds, dice_per_slice, iou_per_slice, segmentation_metrics
@@ -77,8 +78,6 @@ class ResultMetric:
     def __call__(
         self, result: Mapping[str, np.ndarray], label: np.ndarray, brain: np.ndarray, case_ids: np.ndarray
     ) -> float:
-        import torch
-
         pred = np.asarray(result[self.y_pred], dtype=np.float32)
         truth = label.astype(np.float32)
         keep = truth.reshape(len(truth), -1).any(1) if self.unhealthy_only else np.ones(len(truth), dtype=bool)
